@@ -1,0 +1,204 @@
+"""Data distributions with exact scores: the ground truth for every sampler, likelihood and benchmark.
+
+A mixture of isotropic Gaussians ``p_0 = sum_k w_k N(mu_k, s_k^2 I)`` stays a Gaussian mixture
+under every linear SDE: at time t its components are ``N(alpha mu_k, (alpha^2 s_k^2 + std^2) I)``.
+So the marginal density, the score and the optimal eps-predictor are closed-form:
+
+    score(x, t) = sum_k r_k(x, t) (alpha mu_k - x) / v_k(t),   v_k = alpha^2 s_k^2 + std^2,
+    eps(x, t)   = -std(t) score(x, t),
+
+with ``r_k`` the posterior responsibilities. Components may live in any event shape
+(``means`` of shape ``(K, *event)``: vectors or images).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ._tensor import TimeLike, append_dims
+from .sde import SDE
+
+ArrayLike = Union[torch.Tensor, Sequence]
+
+
+class GaussianMixture:
+    """``sum_k weights[k] N(means[k], stds[k]^2 I)`` with exact marginals and scores under any SDE.
+
+    Args:
+        means: ``(K, *event_shape)`` component means.
+        stds: ``(K,)`` positive isotropic standard deviations (a scalar is broadcast).
+        weights: ``(K,)`` non-negative weights summing to one (default: uniform).
+    """
+
+    def __init__(self, means: ArrayLike, stds: ArrayLike, weights: Optional[ArrayLike] = None):
+        means = torch.as_tensor(means, dtype=torch.float64)
+        if means.ndim < 2:
+            raise ValueError(f"means must have shape (K, *event_shape); got shape {tuple(means.shape)}")
+        k = means.shape[0]
+        stds = torch.as_tensor(stds, dtype=torch.float64)
+        if stds.ndim == 0:
+            stds = stds.expand(k).clone()
+        if stds.shape != (k,):
+            raise ValueError(f"stds must have shape ({k},); got {tuple(stds.shape)}")
+        if not bool(torch.all(stds > 0)) or not bool(torch.isfinite(stds).all()):
+            raise ValueError(f"stds must be positive and finite; got {stds.tolist()}")
+        if weights is None:
+            weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        if weights.shape != (k,):
+            raise ValueError(f"weights must have shape ({k},); got {tuple(weights.shape)}")
+        if bool(torch.any(weights < 0)) or abs(float(weights.sum()) - 1.0) > 1e-6:
+            raise ValueError(f"weights must be non-negative and sum to one; got sum {float(weights.sum()):.8g}")
+        if not bool(torch.isfinite(means).all()):
+            raise ValueError("means must be finite")
+        self.means, self.stds, self.weights = means, stds, weights
+        self.event_shape = tuple(means.shape[1:])
+        self.dim = int(math.prod(self.event_shape))
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[0]
+
+    # -- moments ------------------------------------------------------------------------------
+    def mean(self) -> torch.Tensor:
+        return torch.einsum("k,k...->...", self.weights, self.means)
+
+    def covariance(self) -> torch.Tensor:
+        """``(D, D)`` covariance of the flattened data."""
+        mu = self.means.reshape(self.num_components, -1)
+        m = self.weights @ mu
+        second = torch.einsum("k,ki,kj->ij", self.weights, mu, mu) + torch.diag(
+            (self.weights * self.stds**2).sum().expand(self.dim)
+        )
+        return second - torch.outer(m, m)
+
+    # -- sampling and densities ---------------------------------------------------------------
+    def sample(
+        self, n: int, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        """Draw ``n`` samples, shape ``(n, *event_shape)``."""
+        device = generator.device if generator is not None else None
+        idx = torch.multinomial(self.weights.to(device), n, replacement=True, generator=generator)
+        noise = torch.randn((n,) + self.event_shape, generator=generator, dtype=torch.float64, device=device)
+        x = self.means.to(device)[idx] + append_dims(self.stds.to(device)[idx], noise.ndim) * noise
+        return x.to(dtype)
+
+    def _params(self, x: torch.Tensor):
+        mu = self.means.to(device=x.device, dtype=x.dtype).reshape(self.num_components, -1)  # (K, D)
+        s2 = self.stds.to(device=x.device, dtype=x.dtype) ** 2  # (K,)
+        logw = torch.log(self.weights.to(device=x.device, dtype=x.dtype))  # (K,)
+        return mu, s2, logw
+
+    def _check_x(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.event_shape:
+            raise ValueError(f"x must have shape (B, {', '.join(map(str, self.event_shape))}); got {tuple(x.shape)}")
+        return x.reshape(x.shape[0], -1)
+
+    def _components(self, x: torch.Tensor, alpha: torch.Tensor, var_noise: torch.Tensor):
+        """Log joint ``log w_k + log N(x; alpha mu_k, v_k I)`` (B, K), and ``v_k`` (B, K), residuals (B, K, D)."""
+        flat = self._check_x(x)
+        mu, s2, logw = self._params(x)
+        alpha = alpha.reshape(-1, 1) if alpha.ndim else alpha.reshape(1, 1)
+        var_noise = var_noise.reshape(-1, 1) if var_noise.ndim else var_noise.reshape(1, 1)
+        v = alpha**2 * s2 + var_noise  # (B or 1, K)
+        diff = flat[:, None, :] - alpha[..., None] * mu  # (B, K, D)
+        sq = diff.pow(2).sum(-1)  # (B, K)
+        logn = -0.5 * self.dim * torch.log(2 * math.pi * v) - 0.5 * sq / v
+        return logw + logn, v, diff
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log-density of the data distribution at ``x``: shape ``(B,)``."""
+        one = torch.ones((), dtype=x.dtype, device=x.device)
+        logj, _, _ = self._components(x, one, 0 * one)
+        return torch.logsumexp(logj, dim=1)
+
+    def marginal_log_prob(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Exact ``log p_t(x)`` of the forward-SDE marginal at time ``t``: shape ``(B,)``."""
+        t = sde._t(t, x)
+        logj, _, _ = self._components(x, sde.alpha(t), sde.std(t) ** 2)
+        return torch.logsumexp(logj, dim=1)
+
+    def score(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Exact ``grad_x log p_t(x)``, shape of ``x``."""
+        t = sde._t(t, x)
+        logj, v, diff = self._components(x, sde.alpha(t), sde.std(t) ** 2)
+        r = torch.softmax(logj, dim=1)  # (B, K) responsibilities
+        score = -(r / v)[..., None] * diff  # (B, K, D)
+        return score.sum(1).reshape(x.shape)
+
+    def eps(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Optimal noise prediction ``E[eps | x_t = x] = -std(t) score(x, t)``."""
+        t = sde._t(t, x)
+        return -append_dims(sde.std(t), x.ndim) * self.score(sde, x, t)
+
+    def denoise(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Exact posterior mean ``E[x0 | x_t = x]``."""
+        t = sde._t(t, x)
+        a, s = append_dims(sde.alpha(t), x.ndim), append_dims(sde.std(t), x.ndim)
+        return (x + s * s * self.score(sde, x, t)) / a
+
+    def eps_model(self, sde: SDE) -> "ExactEpsModel":
+        """An exact ``model(x, t) -> eps`` for ``sde``: plug it into any sampler."""
+        return ExactEpsModel(self, sde)
+
+    def marginal(self, sde: SDE, t: float) -> "GaussianMixture":
+        """The marginal at a single time ``t`` as a mixture (for moments and sampling)."""
+        tt = torch.tensor(float(t), dtype=torch.float64)
+        a, s = float(sde.alpha(tt)), float(sde.std(tt))
+        return GaussianMixture(a * self.means, torch.sqrt(a**2 * self.stds**2 + s**2), self.weights)
+
+    # -- constructors for the standard test problems ------------------------------------------
+    @classmethod
+    def gaussian(cls, mean: ArrayLike, std: float) -> "GaussianMixture":
+        """A single isotropic Gaussian ``N(mean, std^2 I)``."""
+        mean = torch.as_tensor(mean, dtype=torch.float64)
+        return cls(mean[None], torch.tensor([float(std)]), torch.ones(1, dtype=torch.float64))
+
+    @classmethod
+    def ring(
+        cls, k: int = 8, radius: float = 4.0, std: float = 0.3, unequal: bool = True
+    ) -> "GaussianMixture":
+        """A 2-D ring of ``k`` well-separated components; with ``unequal``, weights and widths differ."""
+        angles = torch.arange(k, dtype=torch.float64) * (2 * math.pi / k)
+        means = radius * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+        if unequal:
+            idx = torch.arange(k, dtype=torch.float64)
+            weights = 1.0 + idx
+            weights = weights / weights.sum()
+            stds = std * (0.5 + idx / max(k - 1, 1))
+        else:
+            weights, stds = torch.full((k,), 1.0 / k, dtype=torch.float64), torch.full((k,), std, dtype=torch.float64)
+        return cls(means, stds, weights)
+
+    @classmethod
+    def random(
+        cls, dim: int, k: int = 8, seed: int = 0, scale: float = 2.0, std_range: tuple = (0.2, 0.6)
+    ) -> "GaussianMixture":
+        """A random mixture in ``dim`` dimensions (means ~ N(0, scale^2), random widths and weights)."""
+        g = torch.Generator().manual_seed(seed)
+        means = scale * torch.randn(k, dim, generator=g, dtype=torch.float64)
+        lo, hi = std_range
+        stds = lo + (hi - lo) * torch.rand(k, generator=g, dtype=torch.float64)
+        weights = torch.rand(k, generator=g, dtype=torch.float64) + 0.2
+        return cls(means, stds, weights / weights.sum())
+
+    def __repr__(self) -> str:
+        return f"GaussianMixture(K={self.num_components}, event_shape={self.event_shape})"
+
+
+class ExactEpsModel(torch.nn.Module):
+    """``model(x, t, **ignored) -> eps`` of a :class:`GaussianMixture` under an SDE (exact, no training).
+
+    A ``torch.nn.Module`` so it moves like a network and plugs into code written for networks.
+    Extra keyword inputs (class labels, guidance scales) are accepted and ignored.
+    """
+
+    def __init__(self, mixture: GaussianMixture, sde: SDE):
+        super().__init__()
+        self.mixture, self.sde = mixture, sde
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **_: object) -> torch.Tensor:
+        return self.mixture.eps(self.sde, x, t)
