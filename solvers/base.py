@@ -1,0 +1,173 @@
+"""What every sampler shares: the model wrapper, time grids, step reporting and guards.
+
+A sampler is a plain function with one signature::
+
+    fn(model, sde, x_T, *, steps, generator=None, callback=None, progress=False, **knobs) -> Tensor
+
+``model(x, t, **model_kwargs) -> eps`` with ``t`` of shape ``(B,)``; ``generator`` is ``None``, an int
+seed, a ``torch.Generator`` or a :class:`scoresde.noise.SampleNoise` (noise is drawn per sample, so
+sample i does not depend on the batch it was drawn in); ``callback`` receives one dict per step
+``{"step", "t", "x", "denoised"}``. Knobs every sampler accepts: ``model_kwargs`` (passed to the model
+untouched: class labels, guidance scales). Samplers build on :class:`Run`, which holds these pieces.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+
+import torch
+
+from scoresde._tensor import append_dims, unchecked
+from scoresde.noise import SampleNoise, as_sample_noise
+from scoresde.sde import SDE
+
+Callback = Callable[[Dict[str, Any]], None]
+
+
+class SamplingError(RuntimeError):
+    """Raised when the state stops being finite; the message names the step and the time."""
+
+
+class CountingModel:
+    """Wrap a model and count its calls: one call on a batch is one network evaluation (NFE)."""
+
+    def __init__(self, model: Callable[..., torch.Tensor]):
+        self.model = model
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.nfe += 1
+        return self.model(x, t, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time grids: each returns a float64 tensor of steps + 1 decreasing times from t_max to t_min.
+# ---------------------------------------------------------------------------------------------
+def uniform_grid(sde: SDE, steps: int, t_min: float, t_max: float) -> torch.Tensor:
+    """Uniform in t (Song et al. 2021)."""
+    return torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
+
+
+def quadratic_grid(sde: SDE, steps: int, t_min: float, t_max: float) -> torch.Tensor:
+    """Uniform in sqrt(t): denser near t = 0 (DDIM's 'quadratic' skip, Song et al. 2021a)."""
+    r = torch.linspace(math.sqrt(t_max), math.sqrt(t_min), steps + 1, dtype=torch.float64)
+    return r * r
+
+
+def logsnr_grid(sde: SDE, steps: int, t_min: float, t_max: float) -> torch.Tensor:
+    """Uniform in log-SNR lambda (DPM-Solver, Lu et al. 2022)."""
+    lam = sde.log_snr(torch.tensor([t_max, t_min], dtype=torch.float64))
+    grid = sde.t_from_log_snr(torch.linspace(float(lam[0]), float(lam[1]), steps + 1, dtype=torch.float64))
+    grid[0], grid[-1] = t_max, t_min
+    return grid
+
+
+def karras_grid(sde: SDE, steps: int, t_min: float, t_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Uniform in sigma^(1/rho), sigma = std/alpha (Karras et al. 2022, eq. 5; rho = 7)."""
+    s = sde.sigma(torch.tensor([t_max, t_min], dtype=torch.float64))
+    r = torch.linspace(float(s[0]) ** (1 / rho), float(s[1]) ** (1 / rho), steps + 1, dtype=torch.float64)
+    grid = sde.t_from_sigma(r**rho)
+    grid[0], grid[-1] = t_max, t_min
+    return grid
+
+
+SCHEDULES: Dict[str, Callable[..., torch.Tensor]] = {
+    "uniform": uniform_grid,
+    "quadratic": quadratic_grid,
+    "logsnr": logsnr_grid,
+    "karras": karras_grid,
+}
+
+
+def time_grid(
+    sde: SDE, steps: int, schedule: str = "uniform", t_min: Optional[float] = None, t_max: Optional[float] = None
+) -> torch.Tensor:
+    """``steps + 1`` times from ``t_max`` (default T) down to ``t_min`` (default ``sde.t_min``)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}; got {schedule!r}")
+    t_min = sde.t_min if t_min is None else float(t_min)
+    t_max = sde.T if t_max is None else float(t_max)
+    if not 0 < t_min < t_max <= sde.T:
+        raise ValueError(f"need 0 < t_min < t_max <= T={sde.T}; got t_min={t_min}, t_max={t_max}")
+    return SCHEDULES[schedule](sde, steps, t_min, t_max)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-run helper samplers build on.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """The pieces one sampling run needs, so each sampler body stays short.
+
+    ``eps(x, t)`` and ``denoise(x, t)`` call the model with a ``(B,)`` time in ``x``'s dtype;
+    ``noise(x, stream)`` draws per-sample noise; ``report`` checks finiteness and calls the callback.
+    """
+
+    model: Callable[..., torch.Tensor]
+    sde: SDE
+    x: torch.Tensor
+    generator: Any = None
+    callback: Optional[Callback] = None
+    progress: bool = False
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.x, torch.Tensor) or self.x.ndim < 2:
+            raise ValueError("x_T must be a tensor of shape (B, ...) with at least two dims")
+        self._noise: Optional[SampleNoise] = None
+        self.model_kwargs = dict(self.model_kwargs or {})
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    def times(self, t: torch.Tensor | float) -> torch.Tensor:
+        """Broadcast a scalar time to the ``(B,)`` tensor the model contract requires."""
+        t = torch.as_tensor(t, dtype=self.x.dtype, device=self.x.device)
+        return t.expand(self.batch) if t.ndim == 0 else t
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        with unchecked():
+            return self.model(x, self.times(t), **self.model_kwargs)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor | float, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x0 = (x - std eps) / alpha``; pass ``eps`` to reuse an evaluation."""
+        tb = self.times(t)
+        if eps is None:
+            eps = self.eps(x, tb)
+        with unchecked():
+            a, s = self.sde.alpha(tb), self.sde.std(tb)
+        return (x - append_dims(s, x.ndim) * eps) / append_dims(a, x.ndim)
+
+    def noise(self, like: torch.Tensor, stream: int) -> torch.Tensor:
+        """Standard normal noise shaped like ``like``, drawn per sample; one ``stream`` per draw."""
+        if self._noise is None:
+            self._noise = as_sample_noise(self.generator, self.batch)
+        return self._noise.randn_like(like, stream + 1)  # stream 0 is reserved for x_T in sample()
+
+    def steps(self, n: int, desc: str = "sampling") -> Iterable[int]:
+        """``range(n)`` with a progress bar when asked."""
+        if not self.progress:
+            return range(n)
+        from tqdm.auto import tqdm
+
+        return tqdm(range(n), desc=desc, leave=False)
+
+    def report(self, step: int, t: torch.Tensor | float, x: torch.Tensor, denoised: Optional[torch.Tensor] = None) -> None:
+        """Guard against NaN/Inf and hand the step to the callback."""
+        if not bool(torch.isfinite(x).all()):
+            tv = float(torch.as_tensor(t).reshape(-1)[0])
+            raise SamplingError(f"non-finite values in the state at step {step} (t = {tv:.6g}); sampling stopped")
+        if self.callback is not None:
+            self.callback({"step": step, "t": t, "x": x, "denoised": denoised})
+
+
+def check_knobs(name: str, knobs: Dict[str, Any], allowed: Iterator[str] | Iterable[str] = ()) -> None:
+    """Raise a clear error for knobs a sampler does not take."""
+    unknown = sorted(set(knobs) - set(allowed))
+    if unknown:
+        raise TypeError(f"sampler {name!r} got unknown option(s) {unknown}; it accepts {sorted(allowed)}")

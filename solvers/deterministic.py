@@ -1,0 +1,5 @@
+"""Deterministic and fast samplers (DDIM, probability-flow ODE via torchdiffeq, Heun, DPM-Solver++)."""
+
+from typing import Callable, Dict
+
+DETERMINISTIC: Dict[str, Callable] = {}
