@@ -19,12 +19,17 @@ from scoresde.sde import SDE
 
 from .base import SCHEDULES, CountingModel, Run, SamplingError, time_grid
 from .deterministic import DETERMINISTIC
+from .deterministic import KNOBS as _DETERMINISTIC_KNOBS
+from .stochastic import KNOBS as _STOCHASTIC_KNOBS
 from .stochastic import STOCHASTIC
 
 Sampler = Callable[..., torch.Tensor]
 
 #: name -> sampler function; the single registry read by the CLI and experiments.
 SAMPLERS: Dict[str, Sampler] = {**STOCHASTIC, **DETERMINISTIC}
+
+#: name -> {knob: default} for every sampler (printed by `scoresde samplers`).
+SAMPLER_KNOBS: Dict[str, Dict[str, Any]] = {**_STOCHASTIC_KNOBS, **_DETERMINISTIC_KNOBS}
 
 #: steps used by :func:`sample` when none are given (the papers' usual settings).
 DEFAULT_STEPS: Dict[str, int] = {
@@ -111,4 +116,4 @@ def sample(
     return result
 
 
-__all__ = ["SAMPLERS", "DEFAULT_STEPS", "SCHEDULES", "SampleResult", "SamplingError", "Run", "sample", "time_grid"]
+__all__ = ["SAMPLERS", "SAMPLER_KNOBS", "DEFAULT_STEPS", "SCHEDULES", "SampleResult", "SamplingError", "Run", "sample", "time_grid"]

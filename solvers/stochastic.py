@@ -3,3 +3,6 @@
 from typing import Callable, Dict
 
 STOCHASTIC: Dict[str, Callable] = {}
+
+#: sampler name -> {knob: default}, read by the CLI's `samplers` command
+KNOBS: Dict[str, Dict[str, object]] = {}
