@@ -1,8 +1,563 @@
-"""Reverse-SDE samplers (ancestral, Euler-Maruyama, reverse diffusion, predictor-corrector, Langevin, torchsde)."""
+"""Reverse-SDE samplers: ancestral, Euler-Maruyama, reverse diffusion, predictor-corrector, Langevin, torchsde.
 
-from typing import Callable, Dict
+Every sampler has the one signature of :mod:`solvers.base`::
 
-STOCHASTIC: Dict[str, Callable] = {}
+    fn(model, sde, x_T, *, steps, generator=None, callback=None, progress=False, model_kwargs=None, **knobs)
 
-#: sampler name -> {knob: default}, read by the CLI's `samplers` command
-KNOBS: Dict[str, Dict[str, object]] = {}
+and walks a time grid ``T = t_0 > t_1 > ... > t_N = t_min`` (:func:`solvers.base.time_grid`). Each
+step asks the SDE only for ``alpha``, ``std``, the forward coefficients ``f(t) x, g(t)`` and the exact
+Gaussian kernel ``transition(s, t)``: ``x_t | x_s ~ N(r x_s, q^2 I)`` with ``r = alpha_t/alpha_s``,
+``q^2 = std_t^2 - r^2 std_s^2``. With that, one formula serves VP, sub-VP, cosine-VP and VE alike
+(VE is the case ``r = 1``). All randomness is per-sample (``Run.noise``, one stream per draw), so
+sample ``i`` of a seed does not depend on the batch it was drawn in.
+
+With ``denoise_final`` (default, as score_sde's ``noise_removal``) the last state at ``t_min`` is
+replaced by Tweedie's estimate ``x0 = (x - std eps) / alpha`` at ``t_min``, which costs one more
+network evaluation and is reported as step ``N`` at ``t = 0``. score_sde instead returns the
+noise-free mean of its last predictor step; both remove the ``std(t_min)`` noise.
+
+Network evaluations (NFE): ``steps`` for the one-evaluation predictors, ``steps * (1 +
+corrector_steps)`` for ``pc``, ``steps * corrector_steps`` for ``langevin``, plus one with
+``denoise_final``; the torchsde sampler costs what its method costs per step (euler, milstein, euler_heun 1;
+srk, midpoint, heun 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+from scoresde._tensor import append_dims, unchecked
+from scoresde.sde import SDE
+
+from .base import Run, check_knobs, time_grid
+
+Tensor = torch.Tensor
+
+PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
+CORRECTORS = ("langevin", "ald", "none")
+
+#: torchsde methods that integrate our reverse SDE, with the calculus each one assumes. The reverse
+#: SDE has additive noise (``g`` depends on t only), so Ito and Stratonovich forms coincide and the
+#: Stratonovich methods apply unchanged. Not offered: ``log_ode`` (needs Levy areas beyond space-time)
+#: and ``reversible_heun`` (needs the full ``(B, D, D)`` diffusion matrix torchsde builds for additive noise).
+TORCHSDE_METHODS: Dict[str, str] = {
+    "euler": "ito",
+    "milstein": "ito",
+    "srk": "ito",
+    "midpoint": "stratonovich",
+    "heun": "stratonovich",
+    "euler_heun": "stratonovich",
+}
+
+_COMMON = {"schedule": "uniform", "t_min": None, "denoise_final": True}
+
+#: sampler name -> {knob: default}, read by the CLI's `samplers` command.
+KNOBS: Dict[str, Dict[str, object]] = {
+    "ancestral": dict(_COMMON),
+    "euler_maruyama": dict(_COMMON),
+    "reverse_diffusion": dict(_COMMON),
+    "pc": {**_COMMON, "predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16, "corrector_steps": 1},
+    "langevin": {**_COMMON, "corrector": "ald", "snr": 0.16, "corrector_steps": 1},
+    "sde": {
+        **_COMMON,
+        "method": "euler",
+        "dt": None,
+        "adaptive": False,
+        "rtol": 1e-5,
+        "atol": 1e-4,
+        "dt_min": 1e-5,
+        "brownian": "sample",
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------
+def _options(name: str, knobs: Dict[str, Any]) -> Dict[str, Any]:
+    check_knobs(name, knobs, KNOBS[name])
+    opts = {**KNOBS[name], **knobs}
+    if not isinstance(opts["denoise_final"], bool):
+        raise ValueError(f"denoise_final must be True or False; got {opts['denoise_final']!r}")
+    return opts
+
+
+class _Grid:
+    """The time grid and every per-step scalar a sampler needs, in float64 (computed once).
+
+    Index ``i`` runs over grid times; step ``i`` goes from ``t[i]`` to ``t[i + 1]`` and uses the
+    forward kernel ``x_{t[i]} | x_{t[i+1]} ~ N(r[i] x, q[i]^2)``.
+    """
+
+    def __init__(self, sde: SDE, steps: int, schedule: str, t_min: Optional[float]):
+        self.t = time_grid(sde, steps, schedule, t_min)  # (N + 1,) decreasing
+        self.alpha, self.std = sde.alpha(self.t), sde.std(self.t)
+        f, g = sde.sde(torch.ones_like(self.t)[:, None], self.t)  # drift f(t) * 1, diffusion g(t)
+        self.f, self.g = f[:, 0], g
+        self.r, self.q = sde.transition(self.t[1:], self.t[:-1])  # (N,)
+        if not bool(torch.all(self.std > 0)) or not bool(torch.all(self.q > 0)):
+            raise ValueError(
+                "these samplers need std(t) > 0 and a strictly growing noise level between grid times "
+                "(transition std > 0); the SDE or the grid does not provide it"
+            )
+
+    def __len__(self) -> int:
+        return len(self.t) - 1
+
+
+def _norm(v: Tensor) -> Tensor:
+    """Per-sample Euclidean norm over all non-batch dims: ``(B, ...) -> (B,)``."""
+    return v.reshape(v.shape[0], -1).norm(dim=1)
+
+
+def _finish(run: Run, grid: _Grid, x: Tensor, denoise_final: bool) -> Tensor:
+    """Tweedie denoising at ``t_min`` (one more evaluation), reported as step N at t = 0."""
+    if not denoise_final:
+        return x
+    n = len(grid)
+    eps = run.eps(x, float(grid.t[n]))
+    x0 = (x - float(grid.std[n]) * eps) / float(grid.alpha[n])
+    run.report(n, 0.0, x0, x0)
+    return x0
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictors: one step from t[i] to t[i + 1]; each returns (new state, denoised estimate at t[i]).
+# ---------------------------------------------------------------------------------------------
+def _predict_ancestral(run: Run, g: _Grid, x: Tensor, i: int, stream: int) -> Tuple[Tensor, Tensor]:
+    """Sample the posterior ``q(x_s | x_t, x0_hat)`` of the forward kernel (DDPM Algorithm 2).
+
+    With ``x_s ~ N(a_s x0, s_s^2)`` and ``x_t | x_s ~ N(r x_s, q^2)``:
+    mean ``= (a_s q^2 x0 + r s_s^2 x_t) / s_t^2``, std ``= s_s q / s_t``.
+    """
+    a_t, s_t, a_s, s_s = (float(v) for v in (g.alpha[i], g.std[i], g.alpha[i + 1], g.std[i + 1]))
+    r, q = float(g.r[i]), float(g.q[i])
+    eps = run.eps(x, float(g.t[i]))
+    x0 = (x - s_t * eps) / a_t
+    mean = (a_s * q * q / (s_t * s_t)) * x0 + (r * s_s * s_s / (s_t * s_t)) * x
+    return mean + (s_s * q / s_t) * run.noise(x, stream), x0
+
+
+def _predict_euler_maruyama(run: Run, g: _Grid, x: Tensor, i: int, stream: int) -> Tuple[Tensor, Tensor]:
+    """``x_s = x_t - h [f x_t - g^2 score] + g sqrt(h) z`` with ``h = t - s`` (reverse SDE, eq. 6)."""
+    h = float(g.t[i] - g.t[i + 1])
+    a_t, s_t, f, gt = (float(v) for v in (g.alpha[i], g.std[i], g.f[i], g.g[i]))
+    eps = run.eps(x, float(g.t[i]))
+    # g^2 score = -g^2 eps / std
+    drift = f * x + (gt * gt / s_t) * eps
+    return x - h * drift + gt * math.sqrt(h) * run.noise(x, stream), (x - s_t * eps) / a_t
+
+
+def _predict_reverse_diffusion(run: Run, g: _Grid, x: Tensor, i: int, stream: int) -> Tuple[Tensor, Tensor]:
+    """Reverse diffusion (Song et al. 2021, eq. 46) on the exact discretisation of the forward SDE.
+
+    Forward: ``x_t = x_s + f_i(x_s) + G_i z`` with ``f_i(x) = (r - 1) x``, ``G_i = q`` (from
+    ``transition(s, t)``). Reverse: ``x_s = x_t - f_i(x_t) + G_i^2 score(x_t, t) + G_i z
+    = (2 - r) x_t + q^2 score + q z``. DDPM's ``r = sqrt(1 - beta)``, ``q^2 = beta`` and SMLD's
+    ``r = 1``, ``q^2 = sigma_t^2 - sigma_s^2`` are the two familiar cases.
+    """
+    a_t, s_t, r, q = (float(v) for v in (g.alpha[i], g.std[i], g.r[i], g.q[i]))
+    eps = run.eps(x, float(g.t[i]))
+    return (2.0 - r) * x - (q * q / s_t) * eps + q * run.noise(x, stream), (x - s_t * eps) / a_t
+
+
+_PREDICT: Dict[str, Callable[..., Tuple[Tensor, Tensor]]] = {
+    "ancestral": _predict_ancestral,
+    "euler_maruyama": _predict_euler_maruyama,
+    "reverse_diffusion": _predict_reverse_diffusion,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctors: Langevin steps at a fixed time s = t[i + 1] targeting p_s.
+# ---------------------------------------------------------------------------------------------
+def _correct(
+    run: Run, g: _Grid, x: Tensor, i: int, kind: str, snr: float, stream: int
+) -> Tuple[Tensor, Tensor]:
+    """One Langevin step ``x <- x + e score + sqrt(2 e) z`` at ``s = t[i + 1]``; ``alpha_i = r_i^2``.
+
+    ``langevin`` (Song et al. 2021, Algorithms 2/3): ``e = 2 alpha_i (snr ||z|| / ||score||)^2``
+    with per-sample norms over all non-batch dims. ``ald`` (annealed Langevin dynamics, Song &
+    Ermon 2019, in score_sde's form): ``e = 2 alpha_i (snr std_s)^2``, i.e. the same rule with
+    ``||z|| / ||score||`` replaced by its typical value ``std_s`` (``||score|| ~ sqrt(D) / std``).
+    """
+    s_idx = i + 1
+    a_s, s_s, alpha_i = float(g.alpha[s_idx]), float(g.std[s_idx]), float(g.r[i]) ** 2
+    eps = run.eps(x, float(g.t[s_idx]))
+    score = -eps / s_s
+    z = run.noise(x, stream)
+    if kind == "langevin":
+        ratio = _norm(z) / _norm(score).clamp_min(torch.finfo(x.dtype).tiny)
+        e = append_dims(2.0 * alpha_i * (snr * ratio) ** 2, x.ndim)
+        x_new = x + e * score + torch.sqrt(2.0 * e) * z
+    else:  # ald
+        e = 2.0 * alpha_i * (snr * s_s) ** 2
+        x_new = x + e * score + math.sqrt(2.0 * e) * z
+    return x_new, (x - s_s * eps) / a_s
+
+
+def _pc_loop(
+    name: str,
+    model: Callable[..., Tensor],
+    sde: SDE,
+    x_T: Tensor,
+    steps: int,
+    generator: Any,
+    callback: Any,
+    progress: bool,
+    model_kwargs: Optional[dict],
+    opts: Dict[str, Any],
+) -> Tensor:
+    predictor = opts.get("predictor", "none")
+    corrector = opts.get("corrector", "none")
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor must be one of {list(PREDICTORS)}; got {predictor!r}")
+    if corrector not in CORRECTORS:
+        raise ValueError(f"corrector must be one of {list(CORRECTORS)}; got {corrector!r}")
+    n_corr = opts.get("corrector_steps", 0) if corrector != "none" else 0
+    if not isinstance(n_corr, int) or isinstance(n_corr, bool) or n_corr < 0:
+        raise ValueError(f"corrector_steps must be a non-negative integer; got {n_corr!r}")
+    snr = float(opts.get("snr", 0.16))
+    if corrector != "none" and not snr > 0:
+        raise ValueError(f"snr must be positive; got {snr!r}")
+    if predictor == "none" and n_corr == 0:
+        raise ValueError("with predictor 'none' the corrector must be 'langevin' or 'ald' with corrector_steps >= 1")
+
+    run = Run(model, sde, x_T, generator, callback, progress, model_kwargs or {})
+    grid = _Grid(sde, steps, opts["schedule"], opts["t_min"])
+    per_step = 1 + n_corr  # noise streams used per step
+    x = x_T
+    for i in run.steps(len(grid), desc=name):
+        x0 = None
+        if predictor != "none":
+            x, x0 = _PREDICT[predictor](run, grid, x, i, i * per_step)
+        for j in range(n_corr):
+            x, x0 = _correct(run, grid, x, i, corrector, snr, i * per_step + 1 + j)
+        run.report(i, float(grid.t[i + 1]), x, x0)
+    return _finish(run, grid, x, opts["denoise_final"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Public samplers
+# ---------------------------------------------------------------------------------------------
+def ancestral(
+    model: Callable[..., Tensor],
+    sde: SDE,
+    x_T: Tensor,
+    *,
+    steps: int,
+    generator: Any = None,
+    callback: Any = None,
+    progress: bool = False,
+    model_kwargs: Optional[dict] = None,
+    **knobs: Any,
+) -> Tensor:
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2) written through the exact forward kernel.
+
+    ``x_s ~ q(x_s | x_t, x0_hat)``, ``x0_hat = (x_t - std_t eps) / alpha_t``: the Gaussian posterior
+    of ``x_s ~ N(alpha_s x0, std_s^2)``, ``x_t | x_s ~ N(r x_s, q^2)``, with mean
+    ``(alpha_s q^2 x0_hat + r std_s^2 x_t) / std_t^2`` and std ``std_s q / std_t``. For VP with
+    DDPM's grid this is DDPM's step; for VE (``r = 1``) it is SMLD's ancestral step
+    ``x_s = x_t + (sigma_t^2 - sigma_s^2) score + sqrt(sigma_s^2 (sigma_t^2 - sigma_s^2) / sigma_t^2) z``.
+
+    Knobs: ``schedule`` (a name in ``solvers.base.SCHEDULES``), ``t_min`` (default ``sde.t_min``),
+    ``denoise_final``. One network evaluation per step.
+    """
+    opts = _options("ancestral", knobs)
+    return _pc_loop("ancestral", model, sde, x_T, steps, generator, callback, progress, model_kwargs,
+                    {**opts, "predictor": "ancestral"})
+
+
+def euler_maruyama(
+    model: Callable[..., Tensor],
+    sde: SDE,
+    x_T: Tensor,
+    *,
+    steps: int,
+    generator: Any = None,
+    callback: Any = None,
+    progress: bool = False,
+    model_kwargs: Optional[dict] = None,
+    **knobs: Any,
+) -> Tensor:
+    """Euler-Maruyama on the reverse SDE ``dx = [f x - g^2 score] dt + g dW_bar`` (Song et al. 2021, eq. 6).
+
+    ``x_s = x_t - h (f(t) x_t - g(t)^2 score(x_t, t)) + g(t) sqrt(h) z``, ``h = t - s``. Knobs as
+    for :func:`ancestral`. One network evaluation per step.
+    """
+    opts = _options("euler_maruyama", knobs)
+    return _pc_loop("euler_maruyama", model, sde, x_T, steps, generator, callback, progress, model_kwargs,
+                    {**opts, "predictor": "euler_maruyama"})
+
+
+def reverse_diffusion(
+    model: Callable[..., Tensor],
+    sde: SDE,
+    x_T: Tensor,
+    *,
+    steps: int,
+    generator: Any = None,
+    callback: Any = None,
+    progress: bool = False,
+    model_kwargs: Optional[dict] = None,
+    **knobs: Any,
+) -> Tensor:
+    """Reverse-diffusion predictor (Song et al. 2021, eq. 46) from the exact forward discretisation.
+
+    With ``(r, q) = sde.transition(s, t)`` the forward step is ``x_t = x_s + (r - 1) x_s + q z``,
+    so the reverse step is ``x_s = (2 - r) x_t + q^2 score(x_t, t) + q z``. Knobs as for
+    :func:`ancestral`. One network evaluation per step.
+    """
+    opts = _options("reverse_diffusion", knobs)
+    return _pc_loop("reverse_diffusion", model, sde, x_T, steps, generator, callback, progress, model_kwargs,
+                    {**opts, "predictor": "reverse_diffusion"})
+
+
+def pc(
+    model: Callable[..., Tensor],
+    sde: SDE,
+    x_T: Tensor,
+    *,
+    steps: int,
+    generator: Any = None,
+    callback: Any = None,
+    progress: bool = False,
+    model_kwargs: Optional[dict] = None,
+    **knobs: Any,
+) -> Tensor:
+    """Predictor-corrector sampling (Song et al. 2021, Algorithms 2 and 3).
+
+    Each step runs the predictor from ``t_i`` to ``t_{i+1}`` (``euler_maruyama``,
+    ``reverse_diffusion``, ``ancestral`` or ``none``), then ``corrector_steps`` corrector steps at
+    ``t_{i+1}`` (``langevin``: step ``e = 2 alpha_i (snr ||z|| / ||score||)^2``, norms per sample
+    over all non-batch dims; ``ald``: ``e = 2 alpha_i (snr std)^2``; or ``none``), with
+    ``alpha_i = r_i^2`` from ``transition`` (``1 - beta_i`` for VP-type SDEs, 1 for VE). This is the
+    papers' order; score_sde_pytorch runs the corrector first at each time, which differs only by
+    a corrector at ``T`` instead of one at ``t_min``. Defaults: reverse-diffusion + Langevin with
+    ``snr = 0.16`` (the paper's setting for VE/CIFAR-10) and one corrector step, i.e. 2 NFE per step.
+
+    Caveat: the per-sample ``langevin`` rule needs ``||score||`` to concentrate, which it does in
+    high dimension; in 1-2 dimensions ``||score||`` is often near 0 and the step explodes (score_sde
+    averages the norms over the batch instead, which would tie samples together). Use ``ald`` there.
+    """
+    opts = _options("pc", knobs)
+    return _pc_loop("pc", model, sde, x_T, steps, generator, callback, progress, model_kwargs, opts)
+
+
+def langevin(
+    model: Callable[..., Tensor],
+    sde: SDE,
+    x_T: Tensor,
+    *,
+    steps: int,
+    generator: Any = None,
+    callback: Any = None,
+    progress: bool = False,
+    model_kwargs: Optional[dict] = None,
+    **knobs: Any,
+) -> Tensor:
+    """Annealed Langevin dynamics over the time grid: the corrector alone (Song & Ermon 2019).
+
+    At each ``t_1, ..., t_N`` run ``corrector_steps`` Langevin steps targeting ``p_t``;
+    ``corrector="ald"`` (default) uses ``e = 2 alpha_i (snr std_t)^2``, ``corrector="langevin"`` the
+    snr rule of :func:`pc`. ``steps * corrector_steps`` network evaluations (+1 to denoise).
+    """
+    opts = _options("langevin", knobs)
+    if opts["corrector"] == "none":
+        raise ValueError("corrector must be 'langevin' or 'ald' for the langevin sampler; got 'none'")
+    return _pc_loop("langevin", model, sde, x_T, steps, generator, callback, progress, model_kwargs,
+                    {**opts, "predictor": "none"})
+
+
+# ---------------------------------------------------------------------------------------------
+# torchsde
+# ---------------------------------------------------------------------------------------------
+class _TorchsdeReverse(torch.nn.Module):
+    """The reverse SDE in forward time ``tau = T - t`` on flat states ``(B, D)``, for torchsde.
+
+    ``dy = -(f(t) y - g(t)^2 score(y, t)) dtau + g(t) dW_tau``: additive noise (``g`` is free of y).
+    """
+
+    noise_type = "additive"
+
+    def __init__(self, run: Run, sde: SDE, shape: torch.Size, sde_type: str):
+        super().__init__()
+        self.run, self.sde_, self.shape, self.sde_type = run, sde, shape, sde_type
+        self._memo: Optional[Tuple[Tensor, float, Tensor]] = None
+        self.last_denoised: Optional[Tensor] = None
+
+    def _coeffs(self, tau: Tensor) -> Tuple[float, float, float, float, float]:
+        t = torch.as_tensor(self.sde_.T - float(tau), dtype=torch.float64).clamp(0.0, self.sde_.T)
+        with unchecked():
+            a, s = float(self.sde_.alpha(t)), float(self.sde_.std(t))
+            f, g = self.sde_.sde(torch.ones(1, 1, dtype=torch.float64), t.reshape(1))
+        return float(t), a, s, float(f), float(g)
+
+    def f(self, tau: Tensor, y: Tensor) -> Tensor:
+        # torchsde's contract check evaluates f at the start point once more: reuse that evaluation.
+        if self._memo is not None and self._memo[0] is y and self._memo[1] == float(tau):
+            return self._memo[2]
+        t, a, s, f, g = self._coeffs(tau)
+        x = y.reshape(self.shape)
+        eps = self.run.eps(x, t)
+        self.last_denoised = (x - s * eps) / a
+        drift = -(f * x + (g * g / s) * eps)  # -(f x - g^2 score), score = -eps / std
+        out = drift.reshape(y.shape)
+        self._memo = (y, float(tau), out)
+        return out
+
+    def g_prod(self, tau: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        return self._coeffs(tau)[4] * v
+
+
+class _SampleBrownian:
+    """Brownian increments on a fixed step grid drawn per sample from ``Run.noise``.
+
+    Answers torchsde's queries ``W(tb) - W(ta)`` (and the space-time Levy area ``U`` that SRK
+    asks for: ``U = h (W / 2 + H)``, ``H ~ N(0, h / 12)`` independent of ``W``) for the cells
+    ``[tau0 + j h, tau0 + (j + 1) h]`` of one report interval. Only fixed steps are supported:
+    an adaptive solver's sub-cell queries would need a Brownian bridge keyed per sample.
+    """
+
+    def __init__(self, run: Run, like: Tensor, tau0: float, tau1: float, n_sub: int, stream0: int):
+        self.run, self.like = run, like
+        self.tau0, self.tau1, self.n_sub, self.h = tau0, tau1, n_sub, (tau1 - tau0) / n_sub
+        self.stream0 = stream0
+        self._cache: Dict[int, Tuple[Tensor, Tensor]] = {}
+
+    # torchsde reads these attributes
+    shape = property(lambda self: tuple(self.like.shape))
+    dtype = property(lambda self: self.like.dtype)
+    device = property(lambda self: self.like.device)
+    levy_area_approximation = "space-time"
+
+    def size(self):
+        return self.shape
+
+    def __call__(self, ta, tb=None, return_U=False, return_A=False):
+        if tb is None or return_A:
+            raise ValueError("per-sample Brownian motion answers increments (and space-time Levy area) only")
+        ta, tb = float(ta), float(tb)
+        j = int(round((ta - self.tau0) / self.h))
+        end = self.tau1 if j == self.n_sub - 1 else self.tau0 + (j + 1) * self.h
+        if not (0 <= j < self.n_sub) or abs(ta - (self.tau0 + j * self.h)) > 1e-9 or abs(tb - end) > 1e-9:
+            raise ValueError(
+                f"Brownian query [{ta}, {tb}] is not a cell of the fixed step grid; "
+                "use brownian='interval' for adaptive stepping"
+            )
+        if j not in self._cache:
+            z_w = self.run.noise(self.like, self.stream0 + 2 * j)
+            z_h = self.run.noise(self.like, self.stream0 + 2 * j + 1) if return_U else None
+            self._cache[j] = (z_w, z_h)
+        z_w, z_h = self._cache[j]
+        h = tb - ta
+        w = math.sqrt(h) * z_w
+        if not return_U:
+            return w
+        if z_h is None:
+            z_h = self.run.noise(self.like, self.stream0 + 2 * j + 1)
+            self._cache[j] = (z_w, z_h)
+        return w, h * (0.5 * w + math.sqrt(h / 12.0) * z_h)
+
+
+_ENTROPY_STREAM = 0x7FFF0000  # far above the streams the step loop uses
+
+
+def _seed_entropy(run: Run, like: Tensor) -> int:
+    """A 63-bit entropy for torchsde's BrownianInterval, derived from the run's noise (reproducible)."""
+    z = run.noise(torch.zeros(like.shape[0], 4, dtype=torch.float64), _ENTROPY_STREAM)
+    return int.from_bytes(hashlib.sha256(z.numpy().tobytes()).digest()[:8], "little") >> 1
+
+
+def sde(
+    model: Callable[..., Tensor],
+    sde: SDE,
+    x_T: Tensor,
+    *,
+    steps: int,
+    generator: Any = None,
+    callback: Any = None,
+    progress: bool = False,
+    model_kwargs: Optional[dict] = None,
+    **knobs: Any,
+) -> Tensor:
+    """The reverse SDE integrated by ``torchsde.sdeint`` in forward time ``tau = T - t``.
+
+    ``dy = -(f y - g^2 score) dtau + g dW`` on flat states ``(B, D)`` (reshaped back to any rank).
+    ``steps`` report intervals follow ``schedule``; inside each, the solver takes fixed steps of at
+    most ``dt`` (default: one step per interval) or, with ``adaptive=True``, error-controlled steps
+    (``rtol``, ``atol``, ``dt_min``). ``method`` is a torchsde method name in
+    :data:`TORCHSDE_METHODS` (Stratonovich methods are exact reinterpretations: the noise is additive).
+
+    ``brownian="sample"`` (default) builds the Brownian increments per sample from ``Run.noise``,
+    so sample i is the same in any batch; it supports fixed steps only. ``brownian="interval"`` uses
+    torchsde's ``BrownianInterval`` seeded from the generator: reproducible for a given seed and
+    batch, and it supports adaptive steps, but torchsde draws the whole ``(B, D)`` block at once, so
+    sample i then depends on the batch size.
+    """
+    import torchsde
+
+    opts = _options("sde", knobs)
+    method, brownian = opts["method"], opts["brownian"]
+    if method not in TORCHSDE_METHODS:
+        raise ValueError(f"method must be one of {sorted(TORCHSDE_METHODS)}; got {method!r}")
+    if brownian not in ("sample", "interval"):
+        raise ValueError(f"brownian must be 'sample' or 'interval'; got {brownian!r}")
+    adaptive = bool(opts["adaptive"])
+    if adaptive and brownian == "sample":
+        raise ValueError("adaptive=True needs brownian='interval' (per-sample increments exist on a fixed grid only)")
+    dt = opts["dt"]
+    if dt is not None and not float(dt) > 0:
+        raise ValueError(f"dt must be positive; got {dt!r}")
+
+    run = Run(model, sde, x_T, generator, callback, progress, model_kwargs or {})
+    grid = _Grid(sde, steps, opts["schedule"], opts["t_min"])
+    taus = [sde.T - float(t) for t in grid.t]
+    shape = x_T.shape
+    y = x_T.reshape(shape[0], -1)
+    rsde = _TorchsdeReverse(run, sde, shape, TORCHSDE_METHODS[method])
+    levy = {"srk": "space-time"}.get(method, "none")
+    bm_all = None
+    if brownian == "interval":
+        bm_all = torchsde.BrownianInterval(
+            t0=taus[0], t1=taus[-1], size=tuple(y.shape), dtype=y.dtype, device=y.device,
+            entropy=_seed_entropy(run, y), levy_area_approximation=levy,
+        )
+    extra = None
+    stream = 0
+    for k in run.steps(len(grid), desc="sde"):
+        tau0, tau1 = taus[k], taus[k + 1]
+        n_sub = 1 if dt is None else max(1, math.ceil((tau1 - tau0) / float(dt) - 1e-9))
+        h = (tau1 - tau0) / n_sub
+        if bm_all is None:
+            bm = _SampleBrownian(run, y, tau0, tau1, n_sub, stream)
+            stream += 2 * n_sub
+        else:
+            bm = bm_all
+        ys, extra = torchsde.sdeint(
+            rsde, y, torch.tensor([tau0, tau1], dtype=torch.float64), bm=bm, method=method,
+            dt=h * (1 + 1e-10),  # the solver clips its last step at tau1: no sliver step from rounding
+            adaptive=adaptive, rtol=opts["rtol"], atol=opts["atol"], dt_min=opts["dt_min"],
+            extra=True, extra_solver_state=extra,
+        )
+        y = ys[-1]
+        run.report(k, float(grid.t[k + 1]), y.reshape(shape), _reshape(rsde.last_denoised, shape))
+    return _finish(run, grid, y.reshape(shape), opts["denoise_final"])
+
+
+def _reshape(v: Optional[Tensor], shape: torch.Size) -> Optional[Tensor]:
+    return None if v is None else v.reshape(shape)
+
+
+STOCHASTIC: Dict[str, Callable[..., Tensor]] = {
+    "ancestral": ancestral,
+    "euler_maruyama": euler_maruyama,
+    "reverse_diffusion": reverse_diffusion,
+    "pc": pc,
+    "langevin": langevin,
+    "sde": sde,
+}
