@@ -1,0 +1,585 @@
+"""Training a score network: config, the loop, metrics, sample grids and exact resume.
+
+One step (Ho et al. 2020, Algorithm 1, in continuous time; see :mod:`scoresde.losses`)::
+
+    x0 ~ data,  t ~ p(t) on [t_min, T],  eps ~ N(0, I)
+    loss = mean_B  w(t) mean_dims || eps_theta(alpha(t) x0 + std(t) eps, t, y) - eps ||^2
+    AdamW step (linear warmup, optional cosine decay, gradient clipping), then the EMA update.
+
+Randomness is a pure function of ``(seed, step)``: the data order comes from a per-epoch permutation
+seeded by ``(seed, epoch)`` and each step's times, noise and label dropout from a generator seeded by
+``(seed, step)``. A resumed run therefore draws exactly what the uninterrupted run would have drawn,
+and every rank of a data-parallel run draws the same global batch and keeps its slice
+(:mod:`scoresde.distributed`). Global RNG states (for dropout) are saved in the checkpoint too, so on
+CPU ``N`` steps straight and ``N/2 + resume + N/2`` give bit-identical parameters.
+
+Written to ``out_dir``: ``config.json`` (the full config), ``checkpoint.pt`` (latest, written
+atomically), ``metrics.jsonl`` (one JSON object per logged step) and ``samples_XXXXXX.png``
+(grids drawn with the EMA weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed
+from ._tensor import append_dims, unchecked
+from .checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
+from .ema import EMA
+from .losses import WEIGHTINGS, DenoisingLoss
+from .sde import SDES, sde_from_config
+
+LR_SCHEDULES = ("constant", "cosine")
+
+#: fields that may differ between a run and its resumption (they do not change what is computed
+#: at a given step, except ``steps``/``max_minutes``, which only move the end)
+_RESUMABLE_CHANGES = {"steps", "max_minutes", "out_dir", "device", "log_every", "sample_every", "ckpt_every",
+                      "sample_steps", "sampler", "num_samples", "num_workers", "compile"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs, as plain data (stored in ``config.json`` and the checkpoint).
+
+    The defaults are the ``digits`` job: 8x8 digits, VP SDE, a small U-Net, five CPU minutes.
+    """
+
+    # -- data ----------------------------------------------------------------------------------
+    dataset: str = "digits"  # a name in scoresde.data.DATASETS
+    data_root: Optional[str] = None  # folder of local files (mnist, cifar10, folder)
+    data_n: Optional[int] = None  # examples to use (toys: samples drawn; images: a seeded subset)
+    flip: bool = False  # random horizontal flips (images)
+    conditional: bool = False  # condition on class labels (needs a labelled dataset)
+    label_dropout: float = 0.1  # P(label -> null label) when conditional: classifier-free guidance
+    # -- SDE and loss --------------------------------------------------------------------------
+    sde: str = "vp"  # "vp" | "subvp" | "ve" | "cosine"
+    sde_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {"beta_max": 20.0}
+    weighting: str = "none"  # "none" (L_simple) | "likelihood" (g^2 / std^2, Song et al. 2021)
+    importance_sampling: bool = False  # t with density proportional to the likelihood weight
+    t_min: Optional[float] = None  # lower limit of training times (default: the SDE's t_min)
+    # -- model ---------------------------------------------------------------------------------
+    model: str = "digits"  # a preset in scoresde.networks.PRESETS
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # overrides of the preset
+    # -- optimisation --------------------------------------------------------------------------
+    steps: int = 100_000  # optimiser steps (the run may stop earlier at max_minutes)
+    max_minutes: Optional[float] = 5.0  # wall-clock budget of the training loop; None: no limit
+    batch_size: int = 128  # global batch (split evenly across data-parallel ranks)
+    lr: float = 2e-3  # AdamW peak learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: tuple = (0.9, 0.999)  # AdamW betas
+    warmup: int = 200  # linear learning-rate warmup steps
+    lr_schedule: str = "constant"  # after warmup: "constant" or "cosine" (to 0 at `steps`)
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    ema_decay: float = 0.999  # EMA decay of the weights used for sampling
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1 + n) / (10 + n))
+    seed: int = 0  # seeds the initial weights, the data order, times and noise
+    # -- hardware ------------------------------------------------------------------------------
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the network for training
+    num_workers: int = 0  # kept for the CLI; datasets are in-memory tensors indexed directly
+    # -- output --------------------------------------------------------------------------------
+    out_dir: str = "runs/digits"  # config.json, checkpoint.pt, metrics.jsonl, samples_*.png
+    log_every: int = 50  # steps between metrics.jsonl lines
+    sample_every: int = 0  # steps between sample grids (0: only at the end when num_samples > 0)
+    ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    sampler: str = "dpm_solver"  # a name in solvers.SAMPLERS for the sample grids
+    sample_steps: int = 25  # sampler steps for the grids
+    num_samples: int = 64  # samples per grid (0: no grids)
+
+    # -- plain data ----------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(d["betas"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        """Build from a dict; unknown keys raise ``ValueError`` naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(names)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; raise ``ValueError`` naming the first bad one."""
+        def positive_int(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer; got {v!r}")
+
+        from .data import DATASETS
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {sorted(DATASETS)}")
+        if self.sde not in SDES:
+            raise ValueError(f"sde must be one of {sorted(SDES)}; got {self.sde!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {self.weighting!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
+        for name in ("steps", "batch_size", "log_every"):
+            positive_int(name)
+        for name in ("warmup", "sample_every", "ckpt_every", "num_samples", "sample_steps", "num_workers", "seed"):
+            positive_int(name, allow_zero=True)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number; got {self.lr!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1); got {self.ema_decay!r}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1); got {self.label_dropout!r}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(f"grad_clip and weight_decay must be >= 0; got {self.grad_clip!r}, {self.weight_decay!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive or None; got {self.max_minutes!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1); got {self.betas!r}")
+        if self.num_samples > 0 and self.sample_steps < 1:
+            raise ValueError("sample_steps must be >= 1 when sample grids are drawn")
+        if not isinstance(self.sde_kwargs, dict) or not isinstance(self.model_kwargs, dict):
+            raise ValueError("sde_kwargs and model_kwargs must be dicts")
+        resolve_device(self.device)
+        return self
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    out_dir: str
+    step: int
+    final_checkpoint: str
+    metrics: Dict[str, Any]
+    elapsed_s: float
+    stopped_by: str  # "steps" | "time"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU raises ``ValueError``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"CUDA requested but not available (device={name!r})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {name!r}")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic randomness
+# ---------------------------------------------------------------------------------------------
+def _mix(*words: int) -> int:
+    """SplitMix64-style hash of integers to a 63-bit seed (decorrelates neighbouring seeds)."""
+    h = 0x9E3779B97F4A7C15
+    for w in words:
+        h = (h ^ (int(w) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+_DATA_STREAM, _STEP_STREAM = 1, 2
+
+
+class BatchSchedule:
+    """The global batch indices of every step, a pure function of ``(seed, step)``.
+
+    Epoch ``e`` visits the examples in the order ``randperm(N)`` seeded by ``(seed, e)``, in
+    ``N // B`` batches of ``B`` (the remainder of each permutation is skipped, as with ``drop_last``).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise ValueError(f"batch_size={batch_size} is larger than the dataset ({n} examples)")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, _DATA_STREAM, epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[k * self.batch_size : (k + 1) * self.batch_size]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator for step ``step``'s times, noise, flips and label dropout."""
+    return torch.Generator().manual_seed(_mix(seed, _STEP_STREAM, step))
+
+
+def rng_state() -> Dict[str, Any]:
+    """Global torch / CUDA / numpy / python RNG states as tensors and plain lists (weights_only-safe)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the run
+# ---------------------------------------------------------------------------------------------
+def lr_lambda(config: TrainConfig):
+    """Multiplier of the peak lr at a step: linear warmup, then constant or cosine decay to 0."""
+    warmup, total, cosine = config.warmup, config.steps, config.lr_schedule == "cosine"
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cosine:
+            frac = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+        return 1.0
+
+    return f
+
+
+def build_data(config: TrainConfig):
+    from .data import load_dataset
+
+    return load_dataset(config.dataset, root=config.data_root, n=config.data_n, seed=config.seed, flip=config.flip)
+
+
+def build_network(config: TrainConfig, data_shape: tuple, num_classes: Optional[int]) -> nn.Module:
+    from .networks import build_model
+
+    torch.manual_seed(config.seed)  # the initial weights depend on the seed only
+    return build_model(config.model, data_shape=data_shape, num_classes=num_classes, **config.model_kwargs)
+
+
+def save_sample_grid(x: torch.Tensor, path: Path, title: str = "") -> None:
+    """Write samples as a PNG: a tiled image grid for ``(N, C, H, W)`` in [-1, 1], a scatter plot for 2-D vectors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = x.detach().float().cpu()
+    if x.ndim == 4:
+        n, c, h, w = x.shape
+        cols = int(math.ceil(math.sqrt(n)))
+        rows = int(math.ceil(n / cols))
+        grid = torch.full((c, rows * (h + 1) + 1, cols * (w + 1) + 1), -1.0)
+        for i in range(n):
+            r, q = divmod(i, cols)
+            grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = x[i]
+        img = ((grid.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+        plt.imsave(path, img[..., 0] if c == 1 else img, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+        return
+    flat = x.reshape(x.shape[0], -1)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(flat[:, 0], flat[:, 1] if flat.shape[1] > 1 else torch.zeros(len(flat)), s=2)
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def draw_samples(model: nn.Module, sde, shape: tuple, config: TrainConfig, device: torch.device,
+                 num_classes: Optional[int] = None) -> torch.Tensor:
+    """``config.num_samples`` samples with ``config.sampler`` (labels cycle through the classes when conditional)."""
+    import solvers
+
+    n = config.num_samples
+    kwargs = {}
+    if num_classes is not None:
+        kwargs["model_kwargs"] = {"y": torch.arange(n, device=device) % num_classes}
+    res = solvers.sample(model, sde, (n, *shape), sampler=config.sampler, steps=config.sample_steps,
+                         generator=config.seed, device=device, **kwargs)
+    return res.x
+
+
+def _check_resume_compatible(saved: Dict[str, Any], config: TrainConfig, path: Path) -> None:
+    now = config.to_dict()
+    free = _RESUMABLE_CHANGES - ({"steps"} if config.lr_schedule == "cosine" else set())  # cosine decays to `steps`
+    diff = sorted(k for k in now if k not in free and saved.get(k) != now[k])
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+        raise ValueError(f"cannot resume from {path}: the config changed in fields that alter training ({detail})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    model: Optional[nn.Module] = None,
+    dataset: Any = None,
+) -> TrainResult:
+    """Train a score network as ``config`` says; with ``resume``, continue from ``out_dir/checkpoint.pt``
+    when it exists (exactly: the continued run equals an uninterrupted one).
+
+    ``model`` and ``dataset`` replace the ones built from the config (tests, custom networks): the
+    model must follow ``model(x, t, y=None) -> eps``; the dataset needs ``x``, ``y``, ``num_classes``.
+    Under ``torchrun`` every rank calls this; rank 0 writes the files.
+    """
+    config = TrainConfig.from_dict(config.to_dict()).validate()
+    info, device = distributed.setup(resolve_device(config.device))
+    try:
+        return _Run(config, info, device, model, dataset).run(resume=resume, progress=progress)
+    finally:
+        distributed.cleanup(info)
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, info: distributed.DistInfo, device: torch.device, model, dataset):
+        self.config, self.info, self.device = config, info, device
+        self.out = Path(config.out_dir)
+        data = dataset if dataset is not None else build_data(config)
+        self.x_all = data.x.to(device)
+        self.shape = tuple(data.x.shape[1:])
+        if config.conditional and getattr(data, "y", None) is None:
+            raise ValueError(f"conditional=True needs class labels; dataset {config.dataset!r} has none")
+        self.num_classes = data.num_classes if config.conditional else None
+        self.y_all = data.y.to(device) if config.conditional else None
+        self.flip = bool(getattr(data, "flip", False))
+        self.batches = BatchSchedule(len(data.x), config.batch_size, config.seed)
+        self.local = distributed.rank_slice(config.batch_size, info)
+
+        self.sde = sde_from_config({"name": config.sde, **config.sde_kwargs})
+        self.loss = DenoisingLoss(self.sde, config.weighting, config.importance_sampling, config.t_min)
+        if model is None:
+            model = build_network(config, self.shape, self.num_classes)
+        self.model = model.to(device)
+        self.model_config = getattr(model, "config", None)
+        self.ema = EMA(self.model, config.ema_decay, config.ema_warmup)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=tuple(config.betas),
+                                     weight_decay=config.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(config))
+        self.step = 0
+        self.last_metrics: Dict[str, Any] = {}
+
+        fwd: nn.Module = self.model
+        if info.enabled:
+            fwd = nn.parallel.DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
+        if config.compile:
+            fwd = torch.compile(fwd)
+        self.fwd = fwd
+        self.amp = config.amp and device.type == "cuda"
+
+    # -- checkpoints ------------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def state(self) -> Dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "model_config": self.model_config,
+            "sde_config": self.sde.config(),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": rng_state(),
+            "metrics": self.last_metrics,
+            "world_size": self.info.world_size,
+            "versions": {"scoresde": _version(), "torch": torch.__version__},
+        }
+
+    def save(self) -> None:
+        if self.info.is_main:
+            save_checkpoint(self.ckpt_path, self.state())
+        distributed.barrier(self.info)
+
+    def restore(self) -> bool:
+        if not self.ckpt_path.is_file():
+            return False
+        state = load_checkpoint(self.ckpt_path, map_location="cpu")
+        _check_resume_compatible(state["config"], self.config, self.ckpt_path)
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.last_metrics = dict(state.get("metrics") or {})
+        return True
+
+    # -- one step ---------------------------------------------------------------------------
+    def batch(self, step: int):
+        g = step_generator(self.config.seed, step)
+        idx = self.batches.indices(step)
+        b = idx.numel()
+        t, w = self.loss.sample_t(b, generator=g)
+        eps = torch.randn((b, *self.shape), generator=g)
+        flip = torch.rand(b, generator=g) < 0.5 if self.flip else None
+        drop = torch.rand(b, generator=g) < self.config.label_dropout
+        sl = self.local
+        x0 = self.x_all[idx[sl].to(self.device)]
+        if flip is not None:
+            x0 = torch.where(append_dims(flip[sl].to(self.device), x0.ndim), x0.flip(-1), x0)
+        kwargs = {}
+        if self.y_all is not None:
+            y = self.y_all[idx[sl].to(self.device)]
+            kwargs["y"] = torch.where(drop[sl].to(self.device), torch.full_like(y, self.num_classes), y)
+        dev = self.device
+        return x0, t[sl].to(dev), eps[sl].to(dev, x0.dtype), w[sl].to(dev), kwargs
+
+    def train_step(self, step: int):
+        x0, t, eps, w, kwargs = self.batch(step)
+        # t was drawn inside [t_min, T]: skip the per-call range checks (a host sync each on CUDA)
+        with unchecked(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = self.loss.per_sample(self.fwd, x0, t, eps, w, kwargs).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        else:
+            gnorm = torch.zeros((), device=self.device)
+        self.opt.step()
+        self.sched.step()
+        self.ema.update(self.model)
+        return loss.detach(), gnorm.detach()
+
+    # -- outputs ----------------------------------------------------------------------------
+    def write_samples(self) -> Optional[Path]:
+        if not self.info.is_main or self.config.num_samples <= 0:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.ema.average_parameters(self.model):
+                x = draw_samples(self.model, self.sde, self.shape, self.config, self.device, self.num_classes)
+        finally:
+            self.model.train(was_training)
+        path = self.out / f"samples_{self.step:06d}.png"
+        save_sample_grid(x, path, title=f"step {self.step}")
+        return path
+
+    def run(self, *, resume: bool, progress: bool) -> TrainResult:
+        cfg, main = self.config, self.info.is_main
+        resumed = resume and self.restore()
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            if not resumed:
+                (self.out / "metrics.jsonl").write_text("")
+        bar = None
+        if progress and main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        self.model.train()
+        start = time.perf_counter()
+        window_start, window_steps = start, 0
+        loss_sum = torch.zeros((), device=self.device)
+        gnorm_last = torch.zeros((), device=self.device)
+        stopped_by = "steps"
+        budget = None if cfg.max_minutes is None else 60.0 * cfg.max_minutes
+        with open(self.out / "metrics.jsonl", "a") if main else _nullcontext() as log:
+            while self.step < cfg.steps:
+                if budget is not None:
+                    over = time.perf_counter() - start >= budget
+                    if distributed.broadcast_flag(over, self.info, self.device):
+                        stopped_by = "time"
+                        break
+                loss, gnorm_last = self.train_step(self.step)
+                self.step += 1
+                loss_sum += loss
+                window_steps += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    now = time.perf_counter()
+                    mean_loss = distributed.all_reduce_mean(loss_sum / window_steps, self.info)
+                    rate = window_steps / max(now - window_start, 1e-9)
+                    self.last_metrics = {
+                        "step": self.step,
+                        "loss": float(mean_loss),
+                        "lr": self.sched.get_last_lr()[0],
+                        "grad_norm": float(gnorm_last),
+                        "ema_decay": self.ema.current_decay(),
+                        "steps_per_s": rate,
+                        "samples_per_s": rate * cfg.batch_size,
+                        "elapsed_s": now - start,
+                    }
+                    if main:
+                        log.write(json.dumps(self.last_metrics) + "\n")
+                        log.flush()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{self.last_metrics['loss']:.4f}", img_s=f"{rate * cfg.batch_size:.0f}")
+                    loss_sum.zero_()
+                    window_start, window_steps = now, 0
+                if bar is not None:
+                    bar.update(1)
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.write_samples()
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                    self.save()
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        self.save()
+        if cfg.num_samples > 0 and not (cfg.sample_every and self.step % cfg.sample_every == 0):
+            self.write_samples()
+        return TrainResult(str(self.out), self.step, str(self.ckpt_path), dict(self.last_metrics), elapsed, stopped_by)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _version() -> str:
+    try:
+        from . import __version__
+
+        return __version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
+
+
+__all__ = ["TrainConfig", "TrainResult", "train", "resolve_device", "BatchSchedule", "step_generator",
+           "save_sample_grid", "draw_samples", "LR_SCHEDULES"]
