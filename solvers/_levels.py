@@ -1,0 +1,109 @@
+"""Noise levels of a time grid, the capability check and the free final denoise shared by the
+deterministic samplers (DDIM, Heun, DPM-Solver++, the probability-flow ODE).
+
+Every deterministic sampler here works on the scaled state ``y = x / alpha(t)``, for which the
+probability-flow ODE of any linear SDE is the same (Karras et al. 2022, eq. 4; Lu et al. 2022):
+
+    dy/dsigma = eps(alpha y, t(sigma)) = (y - D(y, sigma)) / sigma,     sigma = std / alpha,
+
+with ``D`` the denoiser (posterior mean of ``x_0``). In ``lambda = -log sigma`` (half the log-SNR)
+it reads ``dy/dlambda = D - y``, whose exact solution over a step of length ``h`` is
+
+    y(lambda + h) = e^{-h} y(lambda) + int_0^h e^{-(h - u)} D(lambda + u) du.
+
+All grid coefficients are computed once in float64 on the host, before the loop, so the loop body
+never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from scoresde._tensor import unchecked
+from scoresde.sde import SDE
+
+from .base import time_grid
+
+
+def require(sde: SDE, sampler: str, *methods: str) -> None:
+    """Ask ``sde`` for each method at its own ``t_min`` / ``T``; raise ``ValueError`` naming the
+    first one it cannot answer (no ``isinstance`` over SDE types)."""
+    probe = torch.tensor([float(sde.t_min), float(sde.T)], dtype=torch.float64)
+    for name in methods:
+        fn = getattr(sde, name, None)
+        try:
+            if fn is None:
+                raise NotImplementedError
+            if name in ("t_from_log_snr", "t_from_sigma"):
+                arg = sde.log_snr(probe) if name == "t_from_log_snr" else sde.sigma(probe)
+                out = fn(arg)
+            else:
+                out = fn(probe)
+            if not bool(torch.isfinite(torch.as_tensor(out)).all()):
+                raise NotImplementedError
+        except (NotImplementedError, AttributeError, TypeError):
+            raise ValueError(
+                f"sampler {sampler!r} needs sde.{name}() to be defined and finite on [t_min, T]; "
+                f"{type(sde).__name__} does not provide it"
+            ) from None
+
+
+@dataclass
+class Levels:
+    """The grid ``t_0 = t_max > ... > t_N = t_min`` and, per time, ``alpha``, ``std``, ``sigma =
+    std/alpha`` and ``lam = -log sigma`` (Python floats, float64)."""
+
+    t: List[float]
+    alpha: List[float]
+    std: List[float]
+    sigma: List[float]
+    lam: List[float]
+
+    @property
+    def steps(self) -> int:
+        return len(self.t) - 1
+
+
+def levels(sde: SDE, steps: int, schedule: str, t_min: Optional[float], sampler: str) -> Levels:
+    """Build the time grid (:func:`solvers.base.time_grid`) and its noise levels, checking that
+    ``sigma`` is positive, finite and strictly decreasing along it."""
+    needs = ["alpha", "std"] + {"logsnr": ["log_snr", "t_from_log_snr"], "karras": ["sigma", "t_from_sigma"]}.get(
+        schedule, []
+    )
+    require(sde, sampler, *needs)
+    grid = time_grid(sde, steps, schedule, t_min=t_min)
+    with unchecked():
+        a = sde.alpha(grid)
+        s = sde.std(grid)
+    sig = s / a
+    if not bool(torch.isfinite(sig).all()) or not bool((sig > 0).all()):
+        raise ValueError(
+            f"sampler {sampler!r} needs 0 < std/alpha < inf on its grid; got sigma in "
+            f"[{float(sig.min()):.3g}, {float(sig.max()):.3g}] (raise t_min?)"
+        )
+    if not bool((sig[1:] < sig[:-1]).all()):
+        raise ValueError(f"sampler {sampler!r} needs std/alpha strictly decreasing along the grid; schedule {schedule!r} gives a non-monotone one")
+    lam = -torch.log(sig)
+    return Levels(grid.tolist(), a.tolist(), s.tolist(), sig.tolist(), lam.tolist())
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {value!r}")
+    return value
+
+
+def final_denoise(y: torch.Tensor, sigma: float, y_last: torch.Tensor, d_last: torch.Tensor, sigma_last: float) -> torch.Tensor:
+    """Tweedie's denoise at the final level without a network call.
+
+    ``D(y, sigma) = y + sigma^2 score(y, sigma)``, and the score (in ``y``) from the last evaluation
+    ``(D_last - y_last) / sigma_last^2`` is reused. Near ``t_min`` the score of a smooth density
+    changes by ``O(sigma^2)`` between the two levels, so the error, ``sigma^2 |score_N - score_last|``,
+    is far below the step's own error; reusing ``eps`` instead would err by ``O(sigma sigma_last)``
+    because ``eps = -sigma score`` itself shrinks with ``sigma``.
+    """
+    return y + (sigma / sigma_last) ** 2 * (d_last - y_last)
