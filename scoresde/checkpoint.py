@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -43,6 +44,7 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> Path:
     path = Path(path)
     if not isinstance(state, dict):
         raise ValueError(f"state must be a dict; got {type(state).__name__}")
+    _check_plain(state, "state")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -63,6 +65,35 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> Path:
     except OSError:
         pass
     return path
+
+
+_PLAIN_SCALARS = (bool, int, float, str, type(None))
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Refuse anything ``torch.load(weights_only=True)`` would reject, naming where it sits.
+
+    Exact types only: a ``str`` subclass such as ``torch.__version__`` (``TorchVersion``) pickles as
+    its class and would make the file unreadable without an allow-list.
+    """
+    if isinstance(obj, torch.Tensor):
+        return
+    if type(obj) in _PLAIN_SCALARS:
+        return
+    if isinstance(obj, dict) and type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            if type(k) not in _PLAIN_SCALARS:
+                raise ValueError(f"{where} has a key of type {type(k).__name__}; only plain keys can be saved")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise ValueError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; checkpoints hold only tensors, numbers, "
+        "strings, None and lists/tuples/dicts of them (so weights_only loading can read them)"
+    )
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:

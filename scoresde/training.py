@@ -424,7 +424,7 @@ class _Run:
             "rng": rng_state(),
             "metrics": self.last_metrics,
             "world_size": self.info.world_size,
-            "versions": {"scoresde": _version(), "torch": torch.__version__},
+            "versions": {"scoresde": _version(), "torch": str(torch.__version__)},
         }
 
     def save(self) -> None:
