@@ -239,6 +239,11 @@ def steps_for_nfe(name: str, sde: SDE, target: int) -> Tuple[Optional[int], Opti
     return lo, cost(lo)
 
 
+def is_adaptive(name: str, sde: SDE) -> bool:
+    """Whether the sampler's NFE ignores ``steps`` (an adaptive ODE solver): same cost at 1 and 4 steps."""
+    return nfe_of(name, sde, 1) == nfe_of(name, sde, 4)
+
+
 def is_deterministic(name: str) -> bool:
     """Whether the sampler is registered by ``solvers.deterministic`` (so its output is an ODE solution)."""
     from solvers.deterministic import DETERMINISTIC
