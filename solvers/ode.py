@@ -27,7 +27,7 @@ from torchdiffeq import odeint
 
 from scoresde._tensor import unchecked
 
-from .base import Run, check_knobs
+from .base import Run, SamplingError, check_knobs
 from ._levels import check_bool, levels, require
 
 _odeint_mod = sys.modules["torchdiffeq._impl.odeint"]
@@ -104,8 +104,14 @@ def ode(
     if not fixed:
         # Step exactly onto the end point rather than past it (past t_min, t may leave [0, T]).
         options.setdefault("step_t", grid[1:])
-    with unchecked():
-        y = odeint(rhs, y0, grid, rtol=float(rtol), atol=float(atol), method=method, options=options or None)[-1]
+    try:
+        with unchecked():
+            y = odeint(rhs, y0, grid, rtol=float(rtol), atol=float(atol), method=method, options=options or None)[-1]
+    except AssertionError as err:  # torchdiffeq's step-size underflow, e.g. after a non-finite eps
+        raise SamplingError(
+            f"torchdiffeq {method} failed between t = {lv.t[0]:.6g} and t = {lv.t[-1]:.6g} ({err}); "
+            "the model output is probably not finite"
+        ) from err
     n = lv.steps
     x = lv.alpha[n] * y if variable == "log_sigma" else y
     d = run.denoise(x, lv.t[n]) if denoise else None
@@ -120,7 +126,7 @@ KNOBS: Dict[str, Dict[str, object]] = {
         "atol": 1e-5,
         "schedule": "logsnr",
         "t_min": None,
-        "variable": "log_sigma",
+        "variable": "t",
         "options": None,
         "denoise_final": True,
     }
