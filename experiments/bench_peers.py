@@ -20,9 +20,15 @@ continuous limit of DDPM's linear betas 1e-4 .. 0.02) and the SAME standard-norm
   diffusers, which with a real network would interpolate.
 
 Reference (identical rule for every solver): the probability-flow ODE from the solver's own start
-``(sigma_0, z)`` to the smallest nonzero noise level it evaluates, ``sigma_last``, solved with
+``(sigma_0, z)`` down to the bottom of the noise range, solved with
 ``solvers._reference.reference_solution`` (dopri5, rtol = atol = 1e-9, float64), then Tweedie's
-denoise at ``sigma_last`` -- the sigma -> 0 limit each solver's last step approximates. An
+denoise there -- the sigma -> 0 limit that every solver's output approximates. The bottom is
+``sigma(t_min) = 0.0105`` for ours and k-diffusion, ``sigma(timestep 0) = 0.0100`` for diffusers
+(the difference between the two targets, and between either and the exact ODE solution at
+sigma = 0, is below 1e-3 RMS on these problems). A solver that ends at a noise level instead
+(diffusers' ``final_sigmas_type="sigma_min"``) is compared with the ODE state at that level. A
+solver that skips the bottom of the range (diffusers' "linspace" multistep schedulers stop
+evaluating at timestep round(999/n) and jump to x0 from there) is charged for it. An
 independent solve in ``r = sigma^(1/7)`` (dopri8, 1e-10, ``_problems.reference_solution``) is
 reported as the reference's own error. Error = RMS over samples and coordinates,
 ``sqrt(mean_{i,j} (x_ij - x_ref,ij)^2)`` (``err``); ``err_norm`` = ``sqrt(dim) err`` is the RMS of
@@ -50,9 +56,15 @@ from scoresde import VPSDE  # noqa: E402
 warnings.filterwarnings("ignore")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "results")
 
-# Our configurations beyond the defaults (kept only when the sampler takes those knobs).
+# Our configurations beyond the defaults (kept only when the sampler takes those knobs): every
+# combination of order, corrector and time grid of the multistep DPM-Solver++.
 OUR_VARIANTS: Dict[str, List[dict]] = {
-    "dpm_solver": [{"order": 2}, {"corrector": True}, {"order": 2, "corrector": True}, {"schedule": "karras"}],
+    "dpm_solver": [
+        {"order": o, "corrector": c, "schedule": g}
+        for o in (2, 3)
+        for c in (False, True)
+        for g in ("logsnr", "uniform", "quadratic", "karras")
+    ],
 }
 
 
@@ -67,8 +79,9 @@ class References:
         self.cache: Dict[Tuple[float, float], torch.Tensor] = {}
         self.self_error: Dict[Tuple[float, float], float] = {}
 
-    def get(self, sigma_start: float, sigma_last: float) -> torch.Tensor:
-        key = (round(sigma_start, 6), round(sigma_last, 8))
+    def get(self, sigma_start: float, sigma_last: float, denoise: bool = True) -> torch.Tensor:
+        """x0 by Tweedie at ``sigma_last`` (``denoise``), else the VP state ``x`` at ``sigma_last``."""
+        key = (round(sigma_start, 6), round(sigma_last, 8), denoise)
         if key not in self.cache:
             from solvers._reference import reference_solution
 
@@ -78,12 +91,13 @@ class References:
             # the same linear-beta schedule, horizon moved to the solver's first noise level
             sde = VPSDE(base.beta_min, base.beta_max, T=t0)
             model = self.mixture.eps_model(sde)
-            x0 = reference_solution(model, sde, self.z, t_min=t1)
+            x0 = reference_solution(model, sde, self.z, t_min=t1, denoise=denoise)
             self.cache[key] = x0
             if self.check:  # independent solve in another variable, at a tighter tolerance
                 y0 = self.z * math.sqrt(1 + sigma_start**2)
                 y = P.reference_solution(model, sde, y0, sigma_start, sigma_last)
-                alt = P.denoiser(model, sde)(y, torch.tensor(sigma_last, dtype=P.DTYPE))
+                s_last = torch.tensor(sigma_last, dtype=P.DTYPE)
+                alt = P.denoiser(model, sde)(y, s_last) if denoise else y / torch.sqrt(1 + s_last**2)
                 self.self_error[key] = P.rms(x0, alt)
         return self.cache[key]
 
@@ -103,7 +117,10 @@ def run_ours(mixture, z, refs: References, nfe: int) -> List[dict]:
         if not P.is_deterministic(name):
             continue
         knobs_all = solvers.SAMPLER_KNOBS.get(name, {})
-        configs = [{}] + [v for v in OUR_VARIANTS.get(name, []) if set(v) <= set(knobs_all)]
+        configs = [{}] + [
+            v for v in OUR_VARIANTS.get(name, [])
+            if set(v) <= set(knobs_all) and any(knobs_all[k] != x for k, x in v.items())  # not the default again
+        ]
         steps, _ = P.steps_for_nfe(name, sde, nfe)
         if steps is None:
             continue
@@ -181,11 +198,17 @@ def diffusers_schedulers() -> Dict[str, Callable]:
     import diffusers as d
 
     common = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", timestep_spacing="linspace")
+    dpm, unipc = d.DPMSolverMultistepScheduler, d.UniPCMultistepScheduler
     return {
-        "DPMSolverMultistep": lambda: d.DPMSolverMultistepScheduler(**common),
-        "DPMSolverMultistep karras": lambda: d.DPMSolverMultistepScheduler(**common, use_karras_sigmas=True),
-        "UniPCMultistep": lambda: d.UniPCMultistepScheduler(**common),
-        "UniPCMultistep karras": lambda: d.UniPCMultistepScheduler(**common, use_karras_sigmas=True),
+        "DPMSolverMultistep": lambda: dpm(**common),
+        "DPMSolverMultistep sigma_min": lambda: dpm(**common, final_sigmas_type="sigma_min"),
+        "DPMSolverMultistep karras": lambda: dpm(**common, use_karras_sigmas=True),
+        "DPMSolverMultistep lu": lambda: dpm(**common, use_lu_lambdas=True),
+        "DPMSolverMultistep 3M": lambda: dpm(**common, solver_order=3),
+        "UniPCMultistep": lambda: unipc(**common),
+        "UniPCMultistep sigma_min": lambda: unipc(**common, final_sigmas_type="sigma_min"),
+        "UniPCMultistep karras": lambda: unipc(**common, use_karras_sigmas=True),
+        "UniPCMultistep 3": lambda: unipc(**common, solver_order=3),
         "DDIM": lambda: d.DDIMScheduler(**common, clip_sample=False),
         "EulerDiscrete": lambda: d.EulerDiscreteScheduler(**common),
         "HeunDiscrete": lambda: d.HeunDiscreteScheduler(**common),
@@ -213,6 +236,8 @@ def run_diffusers(mixture, z, refs: References, nfe: int) -> List[dict]:
     sde = P.make_sde()
     model = mixture.eps_model(sde)
     rows = []
+    abar0 = 1 - 1e-4  # alphas_cumprod[0] of the linear schedule
+    sigma_bottom = math.sqrt((1 - abar0) / abar0)  # 0.0100: the bottom of diffusers' noise range
     for label, make in diffusers_schedulers().items():
         def run(n: int, z: torch.Tensor):
             sched = make()
@@ -230,7 +255,10 @@ def run_diffusers(mixture, z, refs: References, nfe: int) -> List[dict]:
             for t in sched.timesteps:
                 xin = sched.scale_model_input(x, t)
                 x = sched.step(eps(xin.to(P.DTYPE), t), t, x).prev_sample.to(P.DTYPE)
-            return x, seen
+            # where the last step lands: sigmas[-1] (0 = the clean-data estimate); DDIM's last step
+            # goes to alphas_cumprod = 1 (set_alpha_to_one), i.e. sigma = 0
+            final = float(sched.sigmas[-1]) if getattr(sched, "sigmas", None) is not None else 0.0
+            return x, seen, final
 
         def cost(n: int) -> int:
             try:
@@ -241,8 +269,11 @@ def run_diffusers(mixture, z, refs: References, nfe: int) -> List[dict]:
         n_best = _most_steps(cost, nfe)
         if n_best is None:
             continue
-        out, seen = run(n_best, z)
-        ref = refs.get(seen[0], min(seen))
+        out, seen, final_sigma = run(n_best, z)
+        if final_sigma > 0:  # ends at a noise level (final_sigmas_type="sigma_min"): the ODE state there
+            ref = refs.get(seen[0], final_sigma, denoise=False)
+        else:  # ends with x0: the sigma -> 0 limit, Tweedie at the bottom of the training range
+            ref = refs.get(seen[0], sigma_bottom)
         rows.append(dict(library="diffusers", solver=label, nfe=len(seen), err=P.rms(out, ref)))
     return rows
 
@@ -256,7 +287,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--problems", nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(RESULTS, "peers.csv"))
+    ap.add_argument("--markdown", metavar="CSV", help="only print the side-by-side markdown table of a results CSV")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(read_csv(args.markdown)))
+        return
     torch.set_num_threads(1)
     names = args.problems or (list(P.QUICK_PROBLEMS) if args.quick else list(P.PROBLEMS))
     n = 400 if args.quick else args.n
@@ -283,6 +318,35 @@ def main(argv: Optional[List[str]] = None) -> None:
                 w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
         print(f"\nwrote {args.out}")
     print(f"total {time.time() - t_start:.0f} s")
+
+
+def markdown(rows: List[dict]) -> str:
+    """Side-by-side table: best of each library, our default samplers, our best configuration."""
+    out = [
+        "| problem | NFE | best k-diffusion | best diffusers | ours, defaults (best) | ours, best configuration | best peer / ours best |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    cell = lambda r: f"{r['err']:.4f} {r['solver']} ({r['nfe']})" if r else "-"  # noqa: E731
+    for prob in dict.fromkeys(r["problem"] for r in rows):
+        for k in sorted({int(r["target_nfe"]) for r in rows if r["problem"] == prob}):
+            at = [r for r in rows if r["problem"] == prob and int(r["target_nfe"]) == k]
+            best = lambda rs: min(rs, key=lambda r: r["err"]) if rs else None  # noqa: E731
+            kd = best([r for r in at if r["library"] == "k-diffusion"])
+            df = best([r for r in at if r["library"] == "diffusers"])
+            od = best([r for r in at if r["library"] == "ours" and " " not in r["solver"]])
+            ob = best([r for r in at if r["library"] == "ours"])
+            peer = best([x for x in (kd, df) if x])
+            ratio = f"{peer['err'] / ob['err']:.2f}x" if peer and ob else "-"
+            out.append(f"| {prob} | {k} | {cell(kd)} | {cell(df)} | {cell(od)} | {cell(ob)} | {ratio} |")
+    return "\n".join(out)
+
+
+def read_csv(path: str) -> List[dict]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["err"], r["nfe"] = float(r["err"]), int(r["nfe"])
+    return rows
 
 
 def report(rows: List[dict], pname: str, nfes: List[int]) -> None:

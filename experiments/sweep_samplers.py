@@ -188,6 +188,34 @@ def plot(rows: List[dict], scatters: Dict[str, dict], out_dir: str) -> None:
         plt.close(fig)
 
 
+def markdown(rows: List[dict], slope_rows: List[dict]) -> str:
+    """Per problem: RMS endpoint error and MMD^2 (+- std) per sampler and NFE, with the fitted slopes."""
+    out = []
+    for prob in dict.fromkeys(r["problem"] for r in rows):
+        rs = [r for r in rows if r["problem"] == prob]
+        floor = [r for r in rs if r["sampler"] == "exact"][0]
+        out += [f"**{prob}** (dim {floor['dim']}, n = {floor['n']}; exact samples: MMD^2 = "
+                f"{float(floor['mmd2']):.1e} +- {float(floor['mmd2_std']):.1e})", ""]
+        targets = list(dict.fromkeys(r["target_nfe"] for r in rs if isinstance(r["target_nfe"], int) and r["sampler"] != "exact"))
+        out.append("| sampler | " + " | ".join(f"NFE {t}" for t in targets[: len(NFES)]) + " | RMS slope | MMD slope |")
+        out.append("|---" * (len(targets[: len(NFES)]) + 3) + "|")
+        for name in dict.fromkeys(r["sampler"] for r in rs if r["sampler"] != "exact"):
+            mine = [r for r in rs if r["sampler"] == name]
+            cells = []
+            for r in mine[: len(NFES)]:
+                c = f"{float(r['mmd2']):.1e}+-{float(r['mmd2_std']):.0e}"
+                if r["rms"] not in ("", None):
+                    c = f"**{float(r['rms']):.2e}** / " + c
+                lab = "" if r["target_nfe"] == r["nfe"] else f" ({r['target_nfe']}, NFE {r['nfe']})" if isinstance(r["target_nfe"], str) else f" (NFE {r['nfe']})"
+                cells.append(c + lab)
+            cells += [""] * (len(targets[: len(NFES)]) - len(cells))
+            sl = [x for x in slope_rows if x["problem"] == prob and x["sampler"] == name]
+            f = lambda v: "" if v in (None, "") else f"{float(v):.2f}"  # noqa: E731
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {f(sl[0]['rms_slope']) if sl else ''} | {f(sl[0]['mmd_slope']) if sl else ''} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
@@ -233,6 +261,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             w.writeheader()
             w.writerows({k: fmt(v) for k, v in r.items()} for r in sl)
         plot(rows, scatters, args.out_dir)
+        with open(os.path.join(args.out_dir, "sweep.md"), "w") as f:
+            f.write(markdown(rows, sl))
         print(f"wrote {args.out_dir}/sweep.csv, sweep_slopes.csv, sweep_error.png, sweep_scatter.png")
     print(f"total {time.time() - t0:.0f} s")
 
