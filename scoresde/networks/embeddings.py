@@ -24,6 +24,12 @@ from .._tensor import checks_enabled
 EMBEDDINGS = ("sinusoidal", "fourier")
 
 
+def _feature_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 times: ``sin(1000 t)`` needs more than half precision
+    whatever the dtype of the network's weights (features are cast to it afterwards)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 class SinusoidalEmbedding(nn.Module):
     """DDPM-style sinusoidal features of ``scale * t``: ``(B,) -> (B, dim)``."""
 
@@ -37,7 +43,8 @@ class SinusoidalEmbedding(nn.Module):
         self.dim, self.scale = dim, float(scale)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        args = (self.scale * t.to(self.freqs.device, torch.float32))[:, None] * self.freqs[None]  # (B, half)
+        dt = _feature_dtype(t)
+        args = (self.scale * t.to(self.freqs.device, dt))[:, None] * self.freqs.to(dt)[None]  # (B, half)
         return torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (B, dim)
 
 
@@ -53,7 +60,8 @@ class GaussianFourierEmbedding(nn.Module):
         self.dim = dim
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        args = 2 * math.pi * t.to(self.W.device, torch.float32)[:, None] * self.W[None]  # (B, half)
+        dt = _feature_dtype(t)
+        args = 2 * math.pi * t.to(self.W.device, dt)[:, None] * self.W.to(dt)[None]  # (B, half)
         return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (B, dim)
 
 
@@ -87,7 +95,8 @@ class ConditioningEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor, y: torch.Tensor | None, batch: int) -> torch.Tensor:
         t = as_batch_time(t, batch)
-        emb = self.mlp(self.features(t))
+        first = self.mlp[0].weight
+        emb = self.mlp(self.features(t).to(first.dtype))
         if self.num_classes is None:
             if y is not None:
                 raise ValueError("y was given but the model was built with num_classes=None (unconditional)")
