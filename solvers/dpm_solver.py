@@ -22,9 +22,11 @@ NFE stays one per step. The last step has no corrector (its evaluation would be 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from scoresde._tensor import append_dims
 
 from .base import Run, check_knobs
 from ._levels import check_bool, final_denoise, levels
@@ -61,6 +63,32 @@ def exp_weights(nodes: Sequence[float], h: float) -> List[float]:
     return torch.linalg.solve(vander.T, mu).tolist()
 
 
+def local_gaussian_step(
+    y: torch.Tensor,
+    a: Tuple[torch.Tensor, torch.Tensor, float],
+    b: Tuple[torch.Tensor, torch.Tensor, float],
+    sigma_to: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Last step solved exactly under a per-sample isotropic Gaussian model of the posterior.
+
+    Near the end of sampling each trajectory sits in one mode, where ``D(y, sigma) ~ mu + s^2 /
+    (s^2 + sigma^2) (y - mu)`` (exact for Gaussian data). ``a = (D_a, y_a, sigma_a)`` and ``b`` are the
+    two newest evaluations. Tweedie, ``mu = D + s^2 score`` with ``score = (D - y) / sigma^2``, must
+    give the same ``mu`` from both, so per sample
+    ``s^2 = <D_a - D_b, score_b - score_a> / |score_b - score_a|^2`` (least squares, clamped >= 0),
+    ``mu = D_a + s^2 score_a``. The ODE ``dy/dsigma = sigma (y - mu) / (s^2 + sigma^2)`` then has the
+    exact solution ``mu + sqrt((s^2 + sigma_to^2) / (s^2 + sigma_a^2)) (y - mu)``, and Tweedie's
+    ``x_0`` at ``sigma_to`` is ``mu + s^2 / (s^2 + sigma_to^2) (y_to - mu)``. Returns both. No NFE.
+    """
+    (da, ya, sa), (db, yb, sb) = a, b
+    score_a, score_b = (da - ya) / sa**2, (db - yb) / sb**2
+    w, dd = (score_b - score_a).flatten(1), (da - db).flatten(1)
+    s2 = append_dims(((dd * w).sum(1) / (w * w).sum(1).clamp_min(torch.finfo(w.dtype).tiny)).clamp_min(0.0), y.ndim)
+    mu = da + s2 * score_a
+    y_to = mu + torch.sqrt((s2 + sigma_to**2) / (s2 + sa**2)) * (y - mu)
+    return y_to, mu + s2 / (s2 + sigma_to**2) * (y_to - mu)
+
+
 def dpm_solver(
     model: Callable[..., torch.Tensor],
     sde,
@@ -90,13 +118,16 @@ def dpm_solver(
     corrector = check_bool("corrector", o["corrector"])
     lower_final = check_bool("lower_order_final", o["lower_order_final"])
     denoise = check_bool("denoise_final", o["denoise_final"])
-    lv = levels(sde, steps, o["schedule"], o["t_min"], "dpm_solver")
+    final_step = o["final_step"]
+    if final_step not in ("gaussian", "dpm"):
+        raise ValueError(f"final_step must be 'gaussian' or 'dpm'; got {final_step!r}")
+    window = o["window"]
+    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(v, (int, float)) for v in window)):
+        raise ValueError(f"window must be a pair (sigma_lo, sigma_hi); got {window!r}")
+    extra = {"sigma_lo": float(window[0]), "sigma_hi": float(window[1])} if o["schedule"] == "window" else {}
+    lv = levels(sde, steps, o["schedule"], o["t_min"], "dpm_solver", **extra)
     run = Run(model, sde, x_T, generator, callback, progress, model_kwargs)
-    n = lv.steps
-    s2 = float(o["data_std"]) ** 2
-    # rho = -1/2 log(sigma^2 + s^2): lambda itself when s = 0
-    lam = [-0.5 * math.log(sg * sg + s2) for sg in lv.sigma]
-    gain = [(sg * sg + s2) / (sg * sg) for sg in lv.sigma]  # g = y + gain (D - y)
+    n, lam = lv.steps, lv.lam
 
     def step_order(i: int) -> int:
         p = min(order, i + 1)
@@ -112,45 +143,49 @@ def dpm_solver(
         pred_w.append(exp_weights(pred_nodes, h))
         corr_w.append(exp_weights([1.0] + pred_nodes, h))
 
-    y = x_T / lv.alpha[0]  # state in y = x / alpha
-    history: List[torch.Tensor] = []  # D_i, D_{i-1}, ... (newest first)
-    y_prev = y
-    y_eval = y
-    for i in run.steps(n, "dpm_solver"):
-        eps = run.eps(lv.alpha[i] * y, lv.t[i])
-        d = y - lv.sigma[i] * eps
-        den = d
-        d = y + gain[i] * (d - y)
-        y_eval = y
-        if corrector and i > 0:
-            # Adams-Moulton redo of step i-1 with the new D_i; D_i itself is not re-evaluated.
-            w = corr_w[i - 1]
-            acc = w[0] * d
-            for wj, dj in zip(w[1:], history):
-                acc = acc + wj * dj
-            y = math.exp(-(lam[i] - lam[i - 1])) * y_prev + acc
-        history.insert(0, d)
-        del history[_MAX_ORDER:]
-        w = pred_w[i]
-        acc = w[0] * history[0]
-        for wj, dj in zip(w[1:], history[1:]):
+    def combine(w: List[float], ds: List[torch.Tensor]) -> torch.Tensor:
+        assert len(ds) >= len(w)
+        acc = w[0] * ds[0]
+        for wj, dj in zip(w[1:], ds[1:]):
             acc = acc + wj * dj
-        y_prev = y
-        y = math.exp(-(lam[i + 1] - lam[i])) * y + acc
+        return acc
+
+    y = x_T / lv.alpha[0]  # state in y = x / alpha
+    # newest first: (D_j, the y where D_j was evaluated, sigma_j)
+    evals: List[Tuple[torch.Tensor, torch.Tensor, float]] = []
+    x0: Optional[torch.Tensor] = None
+    y_start = y  # state at the start of the previous step (the corrector redoes that step)
+    for i in run.steps(n, "dpm_solver"):
+        d = y - lv.sigma[i] * run.eps(lv.alpha[i] * y, lv.t[i])
+        evals.insert(0, (d, y, lv.sigma[i]))
+        del evals[_MAX_ORDER + 1 :]  # the corrector of an order-3 step uses 4 points
+        ds = [e[0] for e in evals]
+        if corrector and i > 0:
+            # Adams-Moulton redo of step i-1 including the new D_i; D_i itself is not re-evaluated.
+            y = math.exp(-(lam[i] - lam[i - 1])) * y_start + combine(corr_w[i - 1], ds)
+        y_start = y
+        if final_step == "gaussian" and i == n - 1 and n >= 2:
+            y, x0 = local_gaussian_step(y, evals[0], evals[1], lv.sigma[n])
+        else:
+            y = math.exp(-(lam[i + 1] - lam[i])) * y + combine(pred_w[i], ds)
         run.report(i, lv.t[i + 1], lv.alpha[i + 1] * y, d)
-    if denoise:
-        return final_denoise(y, lv.sigma[n], y_eval, den, lv.sigma[n - 1])
-    return lv.alpha[n] * y
+    if not denoise:
+        return lv.alpha[n] * y
+    if x0 is not None:
+        return x0
+    d_last, y_last, _ = evals[0]
+    return final_denoise(y, lv.sigma[n], y_last, d_last, lv.sigma[n - 1])
 
 
 KNOBS: Dict[str, Dict[str, object]] = {
     "dpm_solver": {
         "order": 3,
-        "corrector": False,
-        "schedule": "logsnr",
+        "corrector": True,
+        "schedule": "window",
+        "window": (0.3, 10.0),
         "t_min": None,
         "lower_order_final": True,
         "denoise_final": True,
-        "data_std": 0.0,
+        "final_step": "gaussian",
     }
 }

@@ -82,8 +82,8 @@ def test_reference_is_tight():
 GAUSS_CASES = [
     ("ddim", 100, {}, 0.15),
     ("heun", 30, {}, 0.15),
-    ("dpm_solver", 30, {"order": 2}, 0.15),
-    ("dpm_solver", 30, {"order": 3}, 2e-2),
+    ("dpm_solver", 30, {"order": 2, "corrector": False, "schedule": "logsnr", "final_step": "dpm"}, 0.15),
+    ("dpm_solver", 30, {"order": 3, "corrector": False, "schedule": "logsnr", "final_step": "dpm"}, 2e-2),
     ("dpm_solver", 30, {}, 2e-2),
     ("ode", 1, {}, 1e-3),
     ("ode", 15, {"method": "rk4"}, 2e-2),
@@ -110,15 +110,16 @@ def test_gaussian_endpoint_exact(sde_name, sampler, steps, knobs, tol):
 # (sampler, knobs, step counts, expected order). Step counts are in each method's asymptotic regime
 # for this mixture; the fitted slope of log(error) vs log(steps) must lie within 0.35 of the order
 # (the pre-asymptotic drift over these ranges is < 0.2 when measured; a lost order shifts it by >= 1).
+_PLAIN = {"schedule": "logsnr", "corrector": False, "final_step": "dpm"}  # textbook DPM-Solver++
 ORDER_CASES = [
     ("ddim", {"schedule": "logsnr"}, (20, 40, 80), 1.0),
     ("heun", {}, (20, 40, 80), 2.0),
-    ("dpm_solver", {"order": 2}, (20, 40, 80), 2.0),
-    ("dpm_solver", {"order": 3}, (20, 40, 80), 3.0),
+    ("dpm_solver", {**_PLAIN, "order": 2}, (20, 40, 80), 2.0),
+    ("dpm_solver", {**_PLAIN, "order": 3}, (20, 40, 80), 3.0),
     # the corrector adds one order (Adams-Moulton); the final first-order step is switched off
     # since its O(h^2) local error would set the asymptotic order.
-    ("dpm_solver", {"order": 2, "corrector": True, "lower_order_final": False}, (20, 40, 80), 3.0),
-    ("dpm_solver", {"order": 3, "corrector": True, "lower_order_final": False}, (20, 40, 80), 4.0),
+    ("dpm_solver", {**_PLAIN, "order": 2, "corrector": True, "lower_order_final": False}, (20, 40, 80), 3.0),
+    ("dpm_solver", {**_PLAIN, "order": 3, "corrector": True, "lower_order_final": False}, (20, 40, 80), 4.0),
     ("ode", {"method": "midpoint", "variable": "t", "schedule": "uniform"}, (10, 20, 40), 2.0),
     ("ode", {"method": "rk4", "variable": "log_sigma"}, (10, 20, 40), 4.0),
 ]
@@ -319,3 +320,26 @@ def test_missing_sde_capability_is_named():
         DETERMINISTIC["heun"](model, sde, x_T, steps=4)  # Karras grid needs sigma -> t
     # a time-uniform grid needs neither
     assert DETERMINISTIC["ddim"](model, sde, x_T, steps=4).shape == x_T.shape
+
+
+def test_local_gaussian_final_step_is_exact_for_gaussian_data():
+    # For data N(mu, s^2 I), D(y, sigma) = mu + s^2/(s^2 + sigma^2) (y - mu) in y = x/alpha, and the
+    # PF-ODE from sigma_a to sigma_to maps y -> mu + sqrt((s^2 + sigma_to^2)/(s^2 + sigma_a^2)) (y - mu).
+    # Two evaluations at arbitrary points determine (mu, s) per sample, so the step must be exact
+    # (to rounding) whatever the evaluation points; s differs per sample to check no batch mixing.
+    from solvers.dpm_solver import local_gaussian_step
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(4, 1, 3, 3, generator=g, dtype=F64)
+    s2 = torch.tensor([0.04, 0.25, 1.0, 9.0], dtype=F64).reshape(4, 1, 1, 1)
+
+    def denoise(y, sig):
+        return mu + s2 / (s2 + sig**2) * (y - mu)
+
+    sa, sb, st = 0.3, 0.9, 0.01
+    ya, yb = mu + torch.randn(mu.shape, generator=g, dtype=F64), mu + torch.randn(mu.shape, generator=g, dtype=F64)
+    y = ya + 0.1 * torch.randn(mu.shape, generator=g, dtype=F64)
+    y_to, x0 = local_gaussian_step(y, (denoise(ya, sa), ya, sa), (denoise(yb, sb), yb, sb), st)
+    exact = mu + torch.sqrt((s2 + st**2) / (s2 + sa**2)) * (y - mu)
+    assert torch.allclose(y_to, exact, atol=1e-10)
+    assert torch.allclose(x0, denoise(exact, st), atol=1e-10)
