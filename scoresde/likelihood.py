@@ -77,19 +77,22 @@ GeneratorLike = Union[None, int, torch.Generator]
 # VP-equivalent state w = y / sqrt(1 + sigma^2) instead of y = x / alpha.
 # ---------------------------------------------------------------------------------------------
 class _Asinh:
-    """``u = asinh(sigma)``: ``sigma = sinh u``, ``dsigma/du = cosh u = sqrt(1 + sigma^2)``.
+    """``u = asinh(sigma / c)`` (c = 1 by default): ``sigma = c sinh u``, ``dsigma/du = c cosh u``.
 
-    With the scaled state ``w`` the ODE reads ``dw/du = eps - sigma_vp w``, ``sigma_vp = sigma/sqrt(1+sigma^2)``:
+    With c = 1 and the scaled state ``w`` the ODE reads ``dw/du = eps - sigma_vp w``, ``sigma_vp = sigma/sqrt(1+sigma^2)``:
     linear in ``sigma`` near the data, in ``log sigma`` near the prior.
     """
 
     scaled = True
 
+    def __init__(self, c: float = 1.0):
+        self.c = c
+
     def to_u(self, sigma: torch.Tensor) -> torch.Tensor:
-        return torch.asinh(sigma)
+        return torch.asinh(sigma / self.c)
 
     def sigma(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return torch.sinh(u), torch.cosh(u)
+        return self.c * torch.sinh(u), self.c * torch.cosh(u)
 
 
 class _LogSNR:
