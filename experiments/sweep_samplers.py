@@ -47,6 +47,8 @@ from solvers.base import CountingModel  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "results")
 NFES = (10, 20, 50, 100, 1000)
 REF_TOL = 1e-9
+#: default problems (2-D and 16-D; --problems takes any of _problems.PROBLEMS)
+SWEEP_PROBLEMS = ("ring8", "ring5_narrow", "rand16_s0")
 SCATTER_NFE = 20
 #: tolerances swept for adaptive samplers (whose NFE ignores `steps`)
 ADAPTIVE_TOLS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-7)
@@ -82,7 +84,7 @@ def run_problem(pname: str, nfes, n: int, seed: int, only: Optional[List[str]]) 
     exact = mixture.sample(n, torch.Generator().manual_seed(seed + 1))
     m = P.mmd2(exact, mixture)
     rows.append(dict(problem=pname, dim=mixture.dim, n=n, sampler="exact", deterministic="", target_nfe=0, steps=0, nfe=0,
-                     mmd2=m.mmd2, mmd2_std=m.std, rms="", seconds=0.0))
+                     mmd2=m.mmd2, mmd2_std=m.std, rms="", median="", seconds=0.0))
     scatter["exact"] = exact
     names = [s for s in sorted(solvers.SAMPLERS) if only is None or s in only]
     for name in names:
@@ -107,15 +109,17 @@ def run_problem(pname: str, nfes, n: int, seed: int, only: Optional[List[str]]) 
             x = solvers.SAMPLERS[name](counted, sde, z.clone(), steps=steps, generator=seed, **extra)
             secs = time.perf_counter() - t0
             m = P.mmd2(x, mixture)
-            err = ""
+            err = med = ""
             if det:
                 t_end = knobs.get("t_min") or sde.t_min
-                err = P.rms(x, reference(t_end, bool(knobs.get("denoise_final", False))))
+                ref = reference(t_end, bool(knobs.get("denoise_final", False)))
+                err, med = P.rms(x, ref), P.median_error(x, ref)
             rows.append(dict(problem=pname, dim=mixture.dim, n=n, sampler=name, deterministic=det, target_nfe=target,
-                             steps=steps, nfe=counted.nfe, mmd2=m.mmd2, mmd2_std=m.std, rms=err, seconds=secs))
+                             steps=steps, nfe=counted.nfe, mmd2=m.mmd2, mmd2_std=m.std, rms=err, median=med, seconds=secs))
             if target == SCATTER_NFE or (adaptive and name not in scatter):
                 scatter[name] = x
-            print(f"  {name:18s} NFE {counted.nfe:5d}  MMD^2 {m.mmd2:9.2e} +- {m.std:7.1e}" + (f"  RMS {err:.3e}" if det else ""))
+            print(f"  {name:18s} NFE {counted.nfe:5d}  MMD^2 {m.mmd2:9.2e} +- {m.std:7.1e}" + (f"  RMS {err:.3e}  median {med:.3e}" if det else "")
+                  + f"  ({secs:.1f} s)", flush=True)
     return rows, scatter
 
 
@@ -126,11 +130,13 @@ def slopes(rows: List[dict]) -> List[dict]:
         rs = sorted((r for r in rows if r["problem"] == prob and r["sampler"] == s), key=lambda r: r["nfe"])
         det = rs[0]["deterministic"]
         rms_pts = [(r["nfe"], r["rms"]) for r in rs if det and r["nfe"] >= 50 and r["rms"] > 100 * REF_TOL]
+        med_pts = [(r["nfe"], r["median"]) for r in rs if det and r["nfe"] >= 50 and r["median"] > 100 * REF_TOL]
         mmd_pts = [(r["nfe"], math.sqrt(r["mmd2"])) for r in rs if r["mmd2"] > 4 * r["mmd2_std"]]
         out.append(dict(
             problem=prob, sampler=s,
             rms_slope=fit_slope(*zip(*rms_pts)) if len(rms_pts) >= 2 else None,
             rms_range=f"{rms_pts[0][0]}-{rms_pts[-1][0]}" if len(rms_pts) >= 2 else "",
+            median_slope=fit_slope(*zip(*med_pts)) if len(med_pts) >= 2 else None,
             mmd_slope=fit_slope(*zip(*mmd_pts)) if len(mmd_pts) >= 2 else None,
             mmd_range=f"{mmd_pts[0][0]}-{mmd_pts[-1][0]}" if len(mmd_pts) >= 2 else "",
         ))
@@ -197,8 +203,8 @@ def markdown(rows: List[dict], slope_rows: List[dict]) -> str:
         out += [f"**{prob}** (dim {floor['dim']}, n = {floor['n']}; exact samples: MMD^2 = "
                 f"{float(floor['mmd2']):.1e} +- {float(floor['mmd2_std']):.1e})", ""]
         targets = list(dict.fromkeys(r["target_nfe"] for r in rs if isinstance(r["target_nfe"], int) and r["sampler"] != "exact"))
-        out.append("| sampler | " + " | ".join(f"NFE {t}" for t in targets[: len(NFES)]) + " | RMS slope | MMD slope |")
-        out.append("|---" * (len(targets[: len(NFES)]) + 3) + "|")
+        out.append("| sampler | " + " | ".join(f"NFE {t}" for t in targets[: len(NFES)]) + " | RMS slope | median slope | MMD slope |")
+        out.append("|---" * (len(targets[: len(NFES)]) + 4) + "|")
         for name in dict.fromkeys(r["sampler"] for r in rs if r["sampler"] != "exact"):
             mine = [r for r in rs if r["sampler"] == name]
             cells = []
@@ -211,7 +217,7 @@ def markdown(rows: List[dict], slope_rows: List[dict]) -> str:
             cells += [""] * (len(targets[: len(NFES)]) - len(cells))
             sl = [x for x in slope_rows if x["problem"] == prob and x["sampler"] == name]
             f = lambda v: "" if v in (None, "") else f"{float(v):.2f}"  # noqa: E731
-            out.append(f"| {name} | " + " | ".join(cells) + f" | {f(sl[0]['rms_slope']) if sl else ''} | {f(sl[0]['mmd_slope']) if sl else ''} |")
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {f(sl[0]['rms_slope']) if sl else ''} | {f(sl[0]['median_slope']) if sl else ''} | {f(sl[0]['mmd_slope']) if sl else ''} |")
         out.append("")
     return "\n".join(out)
 
@@ -233,7 +239,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--out-dir", default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    probs = args.problems or (["ring8"] if args.quick else list(P.PROBLEMS))
+    probs = args.problems or (["ring8"] if args.quick else list(SWEEP_PROBLEMS))
     nfes = [10, 20, 50] if args.quick else args.nfe
     n = 300 if args.quick else args.n
     print(f"samplers: {sorted(solvers.SAMPLERS)}")
@@ -246,9 +252,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         scatters[p] = sc
     sl = slopes(rows)
     print("\nfitted slopes of log error vs log NFE (expected: Euler-type -1, Heun / 2nd-order DPM-Solver -2)")
-    print(f"{'problem':14s} {'sampler':18s} {'rms slope':>10s} {'range':>9s} {'MMD slope':>10s} {'range':>9s}")
+    print(f"{'problem':14s} {'sampler':18s} {'rms slope':>10s} {'median':>7s} {'range':>9s} {'MMD slope':>10s} {'range':>9s}")
     for s in sl:
-        print(f"{s['problem']:14s} {s['sampler']:18s} {fmt(s['rms_slope'] and round(s['rms_slope'], 2)):>10s} {s['rms_range']:>9s} "
+        print(f"{s['problem']:14s} {s['sampler']:18s} {fmt(s['rms_slope'] and round(s['rms_slope'], 2)):>10s} "
+              f"{fmt(s['median_slope'] and round(s['median_slope'], 2)):>7s} {s['rms_range']:>9s} "
               f"{fmt(s['mmd_slope'] and round(s['mmd_slope'], 2)):>10s} {s['mmd_range']:>9s}")
     if not args.quick:
         os.makedirs(args.out_dir, exist_ok=True)
