@@ -355,3 +355,23 @@ def test_local_gaussian_final_step_is_exact_for_gaussian_data():
     exact = mu + torch.sqrt((s2 + st**2) / (s2 + sa**2)) * (y - mu)
     assert torch.allclose(y_to, exact, atol=1e-10)
     assert torch.allclose(x0, denoise(exact, st), atol=1e-10)
+
+
+@pytest.mark.slow
+def test_headline_ring_endpoint_error_at_10_and_20_nfe():
+    # Issue 3: the 2-D ring with unequal weights/widths under the default VP SDE (sigma ~ 0.01..152),
+    # 2000 shared prior draws, RMS endpoint error against solvers._reference. Published best peers:
+    # 0.13 at 10 NFE and 0.057 at 20 NFE (diffusers UniPC / DPM-Solver++ 2M); our re-implementation
+    # of those (order 2, time-uniform grid) gives 0.137 / 0.056 on this batch, so the batch is
+    # representative. The RMS is dominated by the few draws near mode boundaries (one draw switching
+    # to a neighbouring component adds ~0.05 at n = 2000), so the margins below are kept wide of that.
+    sde = VPSDE()
+    gm = GaussianMixture.ring()
+    model = gm.eps_model(sde)
+    x_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(123), dtype=F64)
+    ref = reference_solution(model, sde, x_T)
+    err = {n: rms(solvers.sample(model, sde, x_T=x_T, sampler="dpm_solver", steps=n).x, ref) for n in (10, 20)}
+    assert err[20] < 0.057 / 2
+    assert err[10] < 0.13
+    peer_like = dict(order=2, corrector=True, schedule="uniform", final_step="dpm")
+    assert err[20] < 0.5 * rms(solvers.sample(model, sde, x_T=x_T, sampler="dpm_solver", steps=20, **peer_like).x, ref)
