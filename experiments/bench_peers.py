@@ -63,7 +63,7 @@ OUR_VARIANTS: Dict[str, List[dict]] = {
         {"order": o, "corrector": c, "schedule": g}
         for o in (2, 3)
         for c in (False, True)
-        for g in ("logsnr", "uniform", "quadratic", "karras")
+        for g in ("window", "logsnr", "uniform", "quadratic")
     ],
 }
 
@@ -120,6 +120,7 @@ def run_ours(mixture, z, refs: References, nfe: int) -> List[dict]:
         configs = [{}] + [
             v for v in OUR_VARIANTS.get(name, [])
             if set(v) <= set(knobs_all) and any(knobs_all[k] != x for k, x in v.items())  # not the default again
+            and _accepts(name, v)
         ]
         steps, _ = P.steps_for_nfe(name, sde, nfe)
         if steps is None:
@@ -151,6 +152,18 @@ def _most_steps(cost: Callable[[int], int], nfe: int) -> Optional[int]:
         if c > 0:
             best = n
     return best
+
+
+def _accepts(name: str, knobs: dict) -> bool:
+    """Whether our sampler takes these knob values (a schedule name may not exist in this version)."""
+    import solvers
+
+    sde = P.make_sde()
+    try:
+        solvers.SAMPLERS[name](lambda x, t: torch.zeros_like(x), sde, torch.zeros(1, 2, dtype=P.DTYPE), steps=3, **knobs)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
