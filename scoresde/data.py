@@ -283,11 +283,15 @@ def _load_folder(root, split: str, image_size: Optional[int] = None):
     # labels from the first-level subfolder when every image lies in one; otherwise unlabelled
     labelled = all(p.parent != base for p in files)
     class_names = sorted({p.relative_to(base).parts[0] for p in files}) if labelled else None
-    opened = [Image.open(p) for p in files]
-    gray = all(im.mode in ("1", "L", "I", "I;16", "F") for im in opened)
+    modes = []
+    for p in files:  # opening reads the header only
+        with Image.open(p) as im:
+            modes.append(im.mode)
+    gray = all(m in ("1", "L", "I", "I;16", "F") for m in modes)
     arrays, sizes = [], set()
-    for p, im in zip(files, opened):
-        im = im.convert("L" if gray else "RGB")
+    for p in files:
+        with Image.open(p) as raw:
+            im = raw.convert("L" if gray else "RGB")
         if image_size is not None:
             side = min(im.size)
             left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
