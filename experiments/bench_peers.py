@@ -31,7 +31,8 @@ solver that skips the bottom of the range (diffusers' "linspace" multistep sched
 evaluating at timestep round(999/n) and jump to x0 from there) is charged for it. An
 independent solve in ``r = sigma^(1/7)`` (dopri8, 1e-10, ``_problems.reference_solution``) is
 reported as the reference's own error. Error = RMS over samples and coordinates,
-``sqrt(mean_{i,j} (x_ij - x_ref,ij)^2)`` (``err``); ``err_norm`` = ``sqrt(dim) err`` is the RMS of
+``sqrt(mean_{i,j} (x_ij - x_ref,ij)^2)`` (``err``, with ``err_std`` its bootstrap standard deviation
+over samples; all solvers share the samples, so their comparison is paired); ``err_norm`` = ``sqrt(dim) err`` is the RMS of
 the per-sample Euclidean norm.
 """
 
@@ -138,7 +139,7 @@ def run_ours(mixture, z, refs: References, nfe: int) -> List[dict]:
 
                 ref = reference_solution(model, sde, z, t_min=t_end, denoise=False)
             label = name + "".join(f" {k}={v}" for k, v in knobs.items())
-            rows.append(dict(library="ours", solver=label, nfe=counted.nfe, err=P.rms(x, ref)))
+            rows.append(dict(library="ours", solver=label, nfe=counted.nfe, err=P.rms(x, ref), err_std=P.rms_with_std(x, ref)[1]))
     return rows
 
 
@@ -200,7 +201,7 @@ def run_kdiffusion(mixture, z, refs: References, nfe: int) -> List[dict]:
         if n_best is None:
             continue
         out = run(n_best, z)
-        rows.append(dict(library="k-diffusion", solver=name, nfe=calls[0], err=P.rms(out, ref)))
+        rows.append(dict(library="k-diffusion", solver=name, nfe=calls[0], err=P.rms(out, ref), err_std=P.rms_with_std(out, ref)[1]))
     return rows
 
 
@@ -287,7 +288,7 @@ def run_diffusers(mixture, z, refs: References, nfe: int) -> List[dict]:
             ref = refs.get(seen[0], final_sigma, denoise=False)
         else:  # ends with x0: the sigma -> 0 limit, Tweedie at the bottom of the training range
             ref = refs.get(seen[0], sigma_bottom)
-        rows.append(dict(library="diffusers", solver=label, nfe=len(seen), err=P.rms(out, ref)))
+        rows.append(dict(library="diffusers", solver=label, nfe=len(seen), err=P.rms(out, ref), err_std=P.rms_with_std(out, ref)[1]))
     return rows
 
 
@@ -325,7 +326,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     if not args.quick:
         with open(args.out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["problem", "dim", "n", "target_nfe", "library", "solver", "nfe", "err", "err_norm"])
+            w = csv.DictWriter(f, fieldnames=["problem", "dim", "n", "target_nfe", "library", "solver", "nfe", "err", "err_std", "err_norm"])
             w.writeheader()
             for r in rows:
                 w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -339,7 +340,7 @@ def markdown(rows: List[dict]) -> str:
         "| problem | NFE | best k-diffusion | best diffusers | ours, defaults (best) | ours, best configuration | best peer / ours best |",
         "|---|---|---|---|---|---|---|",
     ]
-    cell = lambda r: f"{r['err']:.4f} {r['solver']} ({r['nfe']})" if r else "-"  # noqa: E731
+    cell = lambda r: f"{r['err']:.4f} ± {r['err_std']:.4f} {r['solver']} ({r['nfe']})" if r else "-"  # noqa: E731
     for prob in dict.fromkeys(r["problem"] for r in rows):
         for k in sorted({int(r["target_nfe"]) for r in rows if r["problem"] == prob}):
             at = [r for r in rows if r["problem"] == prob and int(r["target_nfe"]) == k]
@@ -359,6 +360,7 @@ def read_csv(path: str) -> List[dict]:
         rows = list(csv.DictReader(f))
     for r in rows:
         r["err"], r["nfe"] = float(r["err"]), int(r["nfe"])
+        r["err_std"] = float(r.get("err_std") or "nan")
     return rows
 
 
