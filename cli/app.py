@@ -1,12 +1,74 @@
-"""Typer application behind the ``scoresde`` console script."""
+"""Typer application behind the ``scoresde`` console script.
+
+A thin layer: each command parses and validates its options, calls library functions
+(:func:`scoresde.training.train`, :func:`solvers.sample`, :func:`scoresde.likelihood.bits_per_dim`,
+:func:`scoresde.checkpoint.checkpoint_info`) and prints or writes what they return. Every error a
+user can cause ends as one ``Error: ...`` line on stderr and a non-zero exit code
+(:func:`cli._util.user_errors`); ``SCORESDE_DEBUG=1`` shows the traceback instead.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import typer
 
 import scoresde
+import solvers
+from scoresde.data import DATASETS
+from scoresde.networks import PRESETS
+from scoresde.sde import SDES
+from scoresde.training import TrainConfig
 
-app = typer.Typer(help="Score-based diffusion in continuous time.", no_args_is_help=True)
+from ._util import FixedChunk, UserError, check_knobs, load_toml, merge_config, parse_pairs, resolve_device, user_errors
+
+# rich_markup_mode=None: plain click output, so a usage error is the usage line and ONE "Error:" line
+app = typer.Typer(
+    help="Score-based diffusion in continuous time: train, sample, likelihoods.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Choices as enums, built from the library's registries (one source of truth).
+DatasetName = Enum("DatasetName", {k: k for k in DATASETS}, type=str)
+SDEName = Enum("SDEName", {k: k for k in SDES}, type=str)
+ModelPreset = Enum("ModelPreset", {k: k for k in PRESETS}, type=str)
+SamplerName = Enum("SamplerName", {k: k for k in solvers.SAMPLERS}, type=str)
+
+
+class Split(str, Enum):
+    train = "train"
+    test = "test"
+
+
+class ODEMethod(str, Enum):
+    """Adaptive torchdiffeq solvers (they step exactly onto T; fixed-grid ones need a step size)."""
+
+    dopri5 = "dopri5"
+    dopri8 = "dopri8"
+    bosh3 = "bosh3"
+    fehlberg2 = "fehlberg2"
+    adaptive_heun = "adaptive_heun"
+
+
+class Trace(str, Enum):
+    hutchinson = "hutchinson"
+    exact = "exact"
+
+
+_DEFAULTS = TrainConfig()
+#: datasets stored as 8-bit levels k/127.5 - 1, for which bits/dim of the discrete data is defined
+_EIGHT_BIT = {"mnist", "cifar10", "folder"}
 
 
 def _version(value: bool) -> None:
@@ -19,8 +81,370 @@ def _version(value: bool) -> None:
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    """Score-based diffusion in continuous time."""
+    """Score-based diffusion in continuous time: train, sample, likelihoods."""
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        typer.echo(text, err=True)
+
+
+def _value(e: Any) -> Any:
+    return e.value if isinstance(e, Enum) else e
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+def _shown(name: str) -> str:
+    v = getattr(_DEFAULTS, name)
+    return "none" if v is None else str(v)
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file of TrainConfig fields; options given on the command line override it.", show_default="none"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory: config.json, checkpoint.pt, metrics.jsonl, sample grids.", show_default=_shown("out_dir")),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt (its config.json is the base; options override it)."),
+    dataset: Optional[DatasetName] = typer.Option(None, help="Dataset (no download for the toys and digits).", show_default=_shown("dataset")),
+    data_root: Optional[Path] = typer.Option(None, help="Folder of local files for mnist, cifar10, folder.", show_default="$SCORESDE_DATA or ./data"),
+    data_n: Optional[int] = typer.Option(None, min=1, help="Number of examples to use (toys: drawn; images: a seeded subset).", show_default="all"),
+    conditional: Optional[bool] = typer.Option(None, "--conditional/--unconditional", help="Condition on class labels (classifier-free guidance training).", show_default=_shown("conditional")),
+    sde: Optional[SDEName] = typer.Option(None, help="Forward SDE.", show_default=_shown("sde")),
+    sde_arg: Optional[List[str]] = typer.Option(None, "--sde-arg", metavar="KEY=VALUE", help="SDE parameter key=value, repeatable (e.g. beta_max=20).", show_default="the SDE's defaults"),
+    model: Optional[ModelPreset] = typer.Option(None, help="Network preset.", show_default=_shown("model")),
+    model_arg: Optional[List[str]] = typer.Option(None, "--model-arg", metavar="KEY=VALUE", help="Preset override key=value, repeatable (e.g. base_channels=32).", show_default="the preset's values"),
+    steps: Optional[int] = typer.Option(None, min=1, help="Optimiser steps.", show_default=_shown("steps")),
+    max_minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-clock budget of the loop in minutes (0: no limit).", show_default=_shown("max_minutes")),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Global batch size.", show_default=_shown("batch_size")),
+    lr: Optional[float] = typer.Option(None, min=0.0, help="AdamW peak learning rate.", show_default=_shown("lr")),
+    warmup: Optional[int] = typer.Option(None, min=0, help="Linear learning-rate warmup steps.", show_default=_shown("warmup")),
+    ema_decay: Optional[float] = typer.Option(None, min=0.0, help="EMA decay of the sampling weights.", show_default=_shown("ema_decay")),
+    seed: Optional[int] = typer.Option(None, min=0, help="Seed of weights, data order, times and noise.", show_default=_shown("seed")),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N (auto picks CUDA when present).", show_default=_shown("device")),
+    sampler: Optional[SamplerName] = typer.Option(None, help="Sampler for the sample grids.", show_default=_shown("sampler")),
+    sample_steps: Optional[int] = typer.Option(None, min=1, help="Sampler steps for the grids.", show_default=_shown("sample_steps")),
+    num_samples: Optional[int] = typer.Option(None, min=0, help="Samples per grid (0: no grids).", show_default=_shown("num_samples")),
+    sample_every: Optional[int] = typer.Option(None, min=0, help="Steps between sample grids (0: only at the end).", show_default=_shown("sample_every")),
+    ckpt_every: Optional[int] = typer.Option(None, min=0, help="Steps between checkpoints (one is always written at the end).", show_default=_shown("ckpt_every")),
+    log_every: Optional[int] = typer.Option(None, min=1, help="Steps between metrics.jsonl lines.", show_default=_shown("log_every")),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Any other TrainConfig field as key=value, repeatable (e.g. weighting=likelihood).", show_default="none"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or chatter."),
+) -> None:
+    """Train a score network; writes the run directory and a final sample grid OUT/samples.png."""
+    from scoresde.training import train as run_training
+
+    with user_errors():
+        known = [f.name for f in dataclasses.fields(TrainConfig)]
+        file_values = load_toml(config) if config is not None else {}
+        options: Dict[str, Any] = {
+            "out_dir": None if out is None else str(out),
+            "dataset": _value(dataset),
+            "data_root": None if data_root is None else str(data_root),
+            "data_n": data_n,
+            "conditional": conditional,
+            "sde": _value(sde),
+            "model": _value(model),
+            "steps": steps,
+            "max_minutes": None if max_minutes is None else (max_minutes or "none"),
+            "batch_size": batch_size,
+            "lr": lr,
+            "warmup": warmup,
+            "ema_decay": ema_decay,
+            "seed": seed,
+            "device": device,
+            "sampler": _value(sampler),
+            "sample_steps": sample_steps,
+            "num_samples": num_samples,
+            "sample_every": sample_every,
+            "ckpt_every": ckpt_every,
+            "log_every": log_every,
+        }
+        options = {k: v for k, v in options.items() if v is not None}
+        if options.get("max_minutes") == "none":
+            options["max_minutes"] = None  # 0 on the command line: no time limit
+        if sde_arg:
+            options["sde_kwargs"] = parse_pairs(sde_arg, "--sde-arg")
+        if model_arg:
+            options["model_kwargs"] = parse_pairs(model_arg, "--model-arg")
+        extra = parse_pairs(set_, "--set")
+
+        # The run directory decides the base: a resumed run starts from its own resolved config.
+        out_dir = Path(extra.get("out_dir") or options.get("out_dir") or file_values.get("out_dir") or _DEFAULTS.out_dir)
+        base = _DEFAULTS.to_dict()
+        saved = out_dir / "config.json"
+        if resume and saved.is_file():
+            try:
+                base = merge_config(base, [json.loads(saved.read_text())], known, [str(saved)])
+            except json.JSONDecodeError as err:
+                raise UserError(f"{saved} is not valid JSON: {err.msg} (line {err.lineno})") from None
+        where = [str(config) if config else "config", "--set", "options"]
+        values = merge_config(base, [file_values, extra, options], known, where)
+        cfg = TrainConfig.from_dict(values).validate()
+        if resume and not (out_dir / "checkpoint.pt").is_file():
+            _say(quiet, f"no checkpoint in {out_dir}; starting a new run")
+        dev = resolve_device(cfg.device)
+        _say(quiet, f"training {cfg.model} on {cfg.dataset} with the {cfg.sde} SDE on {dev} -> {cfg.out_dir}")
+        result = run_training(cfg, resume=resume, progress=not quiet)
+
+        grid = Path(result.out_dir) / f"samples_{result.step:06d}.png"
+        if grid.is_file():  # the final grid (EMA weights) under a stable name
+            shutil.copyfile(grid, Path(result.out_dir) / "samples.png")
+        loss = result.metrics.get("loss")
+        typer.echo(
+            f"step {result.step} (stopped by {result.stopped_by}) in {result.elapsed_s:.1f} s"
+            + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
+        )
+        typer.echo(f"checkpoint: {result.final_checkpoint}")
+        if grid.is_file():
+            typer.echo(f"samples: {Path(result.out_dir) / 'samples.png'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# sample
+# ---------------------------------------------------------------------------------------------
+def _load(checkpoint: Path, ema: bool, device: str):
+    from scoresde.checkpoint import load_model
+
+    dev = resolve_device(device)
+    model, sde, cfg = load_model(checkpoint, ema=ema, device=dev)
+    return model, sde, cfg, dev
+
+
+@app.command()
+def sample(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint file written by `scoresde train`."),
+    sampler: SamplerName = typer.Option("dpm_solver", help="Sampler (see `scoresde samplers`)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Sampler steps.", show_default="the sampler's default"),
+    knob: Optional[List[str]] = typer.Option(None, "--knob", "-k", metavar="KEY=VALUE", help="Sampler knob key=value, repeatable (see `scoresde samplers`).", show_default="none"),
+    schedule: Optional[str] = typer.Option(None, help="Time grid knob (uniform, quadratic, logsnr, karras; dpm_solver: window too).", show_default="the sampler's default"),
+    t_min: Optional[float] = typer.Option(None, min=0.0, help="Last time of the grid knob.", show_default="the SDE's t_min"),
+    eta: Optional[float] = typer.Option(None, min=0.0, help="DDIM noise knob (0: deterministic).", show_default="0.0"),
+    order: Optional[int] = typer.Option(None, min=1, max=3, help="DPM-Solver++ order knob.", show_default="3"),
+    denoise_final: Optional[bool] = typer.Option(None, "--denoise-final/--no-denoise-final", help="Final Tweedie denoising step knob.", show_default="True"),
+    num_samples: int = typer.Option(64, "--num-samples", "-n", min=1, help="Number of samples."),
+    batch_size: int = typer.Option(64, min=1, help="Samples per batch (the output does not depend on it)."),
+    chunk: int = typer.Option(16, min=0, help="Network calls are made on exactly this many samples (padded), so outputs are bit-identical for any --batch-size; 0: call on the whole batch (fastest, last-bit rounding then depends on the batch size)."),
+    seed: int = typer.Option(0, min=0, help="Seed: sample i gets the same noise whatever the batch size."),
+    label: Optional[int] = typer.Option(None, min=0, help="Class label for every sample (conditional models).", show_default="none (unconditional)"),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale w (1: plain conditional; needs --label)."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Sample with the EMA weights (or the raw trained ones)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto picks CUDA when present)."),
+    out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid of the samples."),
+    tensors: Optional[Path] = typer.Option(None, help="Samples as .npz or .pt.", show_default="OUT with suffix .npz"),
+    trajectory: Optional[Path] = typer.Option(None, help="PNG strip of x_t and the denoised estimate over time (first batch).", show_default="none"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or chatter."),
+) -> None:
+    """Draw samples from a checkpoint; writes a PNG grid and the tensors, prints NFE and wall time."""
+    import torch
+
+    from scoresde.noise import SampleNoise
+    from scoresde.training import save_sample_grid
+
+    from .pictures import trajectory_strip
+
+    with user_errors():
+        name = _value(sampler)
+        allowed = solvers.SAMPLER_KNOBS[name]
+        knobs = parse_pairs(knob, "--knob")
+        common = {"schedule": schedule, "t_min": t_min, "eta": eta, "order": order, "denoise_final": denoise_final}
+        knobs.update({k: v for k, v in common.items() if v is not None})
+        check_knobs(name, knobs, allowed)
+        tensors = tensors if tensors is not None else out.with_suffix(".npz")
+        if tensors.suffix not in (".npz", ".pt"):
+            raise UserError(f"--tensors must end in .npz or .pt; got {tensors}")
+        if out.suffix.lower() != ".png":
+            raise UserError(f"--out must be a .png file; got {out}")
+        if label is None and guidance != 1.0:
+            raise UserError("--guidance needs --label (the class to guide towards)")
+
+        model, sde, cfg, dev = _load(checkpoint, ema, device)
+        num_classes = getattr(model, "num_classes", None)
+        config = model.config
+        model = FixedChunk(model, chunk)
+        if label is not None:
+            if num_classes is None:
+                raise UserError(f"--label needs a class-conditional model; {checkpoint} was trained unconditionally")
+            if label >= num_classes:
+                raise UserError(f"--label must be in 0..{num_classes - 1}; got {label}")
+            if guidance != 1.0:
+                from scoresde.networks import ClassifierFreeGuidance
+
+                model = ClassifierFreeGuidance(model, guidance, null_label=num_classes)
+        shape = model_shape(config)
+        steps_used = steps if steps is not None else solvers.DEFAULT_STEPS.get(name)
+        _say(quiet, f"{num_samples} samples with {name} ({steps_used} steps) on {dev}")
+
+        chunks, nfe, traj = [], 0, None
+        start = time.perf_counter()
+        with torch.no_grad():
+            for offset in range(0, num_samples, batch_size):
+                b = min(batch_size, num_samples - offset)
+                # per-sample noise keyed by the sample's global index: batch size does not matter
+                noise = SampleNoise(seed, torch.arange(offset, offset + b))
+                kw = dict(knobs)
+                if label is not None:
+                    kw["model_kwargs"] = {"y": torch.full((b,), label, dtype=torch.long, device=dev)}
+                keep = trajectory is not None and offset == 0
+                res = solvers.sample(model, sde, (b, *shape), sampler=name, steps=steps, generator=noise,
+                                     device=dev, progress=not quiet, keep_trajectory=keep, **kw)
+                chunks.append(res.x.cpu())
+                nfe += res.nfe
+                if keep:
+                    traj = res
+        wall = time.perf_counter() - start
+        x = torch.cat(chunks)
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_sample_grid(x, out, title=f"{name}, {steps_used} steps")
+        meta = {"sampler": name, "steps": steps_used, "seed": seed, "nfe": nfe, "checkpoint": str(checkpoint),
+                "label": -1 if label is None else label, "guidance": guidance, "knobs": json.dumps(knobs, default=str)}
+        tensors.parent.mkdir(parents=True, exist_ok=True)
+        if tensors.suffix == ".npz":
+            import numpy as np
+
+            np.savez(tensors, x=x.numpy(), **{k: np.asarray(v) for k, v in meta.items()})
+        else:
+            torch.save({"x": x, **meta}, tensors)
+        if trajectory is not None:
+            if traj is None or traj.trajectory is None:
+                raise UserError(f"sampler {name!r} reported no steps to draw a trajectory from")
+            trajectory.parent.mkdir(parents=True, exist_ok=True)
+            trajectory_strip(traj.times, traj.trajectory, traj.denoised, trajectory)
+        batches = math.ceil(num_samples / batch_size)
+        typer.echo(f"NFE: {nfe // batches if nfe % batches == 0 else nfe / batches:g} per batch ({nfe} in {batches} batch(es))")
+        typer.echo(f"wall time: {wall:.2f} s ({wall / num_samples * 1e3:.1f} ms/sample)")
+        typer.echo(f"grid: {out}")
+        typer.echo(f"tensors: {tensors}")
+        if trajectory is not None:
+            typer.echo(f"trajectory: {trajectory}")
+
+
+def model_shape(mc: Dict[str, Any]) -> tuple:
+    """Per-sample data shape of a trained model, read from its config (U-Net: (C, H, H); MLP: (dim,))."""
+    if mc.get("arch") == "unet":
+        return (mc["in_channels"], mc["image_size"], mc["image_size"])
+    if mc.get("arch") == "mlp":
+        return (mc["dim"],)
+    raise UserError(f"cannot tell the data shape of a {mc.get('arch')!r} model from its config")
+
+
+# ---------------------------------------------------------------------------------------------
+# likelihood
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def likelihood(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint file written by `scoresde train`."),
+    split: Split = typer.Option(Split.test, help="Split of the checkpoint's dataset."),
+    n: int = typer.Option(128, "--n", "-n", min=1, help="Number of examples (a seeded subset of the split)."),
+    batch_size: int = typer.Option(64, min=1, help="Examples per ODE solve."),
+    method: ODEMethod = typer.Option(ODEMethod.dopri5, help="Adaptive ODE solver."),
+    rtol: float = typer.Option(1e-5, min=0.0, help="Relative tolerance."),
+    atol: float = typer.Option(1e-5, min=0.0, help="Absolute tolerance."),
+    trace: Trace = typer.Option(Trace.hutchinson, help="Divergence: Hutchinson estimate or exact (small data only)."),
+    probes: int = typer.Option(1, min=1, help="Hutchinson probes per example, integrated in one solve."),
+    seed: int = typer.Option(0, min=0, help="Seed of the subset, dequantisation and probes."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder of local files (mnist, cifar10, folder).", show_default="the checkpoint's"),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (or the raw trained ones)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto picks CUDA when present)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or chatter."),
+) -> None:
+    """Bits per dimension of a data split under the model's probability-flow ODE (mean ± standard error)."""
+    import torch
+
+    from scoresde.data import load_dataset
+    from scoresde.likelihood import bits_per_dim, log_likelihood
+
+    with user_errors():
+        model, sde, cfg, dev = _load(checkpoint, ema, device)
+        name = cfg.get("dataset")
+        root = str(data_root) if data_root is not None else cfg.get("data_root")
+        data = load_dataset(name, root=root, n=n, seed=seed, split=_value(split))
+        discrete = name in _EIGHT_BIT
+        _say(quiet, f"{len(data.x)} {name} ({_value(split)}) examples, {_value(method)} rtol={rtol:g} atol={atol:g}, "
+                    f"{_value(trace)} trace" + ("" if discrete else " -- continuous density: the data are not 8-bit levels"))
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        opts = dict(method=_value(method), rtol=rtol, atol=atol, trace=_value(trace), probes=probes, progress=not quiet)
+        conditional = bool(cfg.get("conditional")) and data.y is not None
+        bpd, nfe = [], 0
+        start = time.perf_counter()
+        for i in range(0, len(data.x), batch_size):
+            xb = data.x[i : i + batch_size].to(dev)
+            if conditional:
+                opts["model_kwargs"] = {"y": data.y[i : i + batch_size].to(dev)}
+            if discrete:
+                res = bits_per_dim(model, sde, xb, generator=gen, **opts)
+                bpd.append(res.bpd.double().cpu())
+            else:
+                res = log_likelihood(model, sde, xb, generator=gen, **opts)
+                bpd.append((-res.logp / (xb[0].numel() * math.log(2.0))).double().cpu())
+            nfe += res.nfe
+        wall = time.perf_counter() - start
+        values = torch.cat(bpd)
+        mean = float(values.mean())
+        stderr = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+        kind = "bits/dim" if discrete else "bits/dim (continuous density of the stored values)"
+        typer.echo(f"{kind}: {mean:.4f} ± {stderr:.4f} (n={len(values)}, standard error of the mean)")
+        typer.echo(f"NFE: {nfe} in {math.ceil(len(values) / batch_size)} solve(s), wall time: {wall:.2f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# info, samplers
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def info(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """What a checkpoint holds: SDE, model, step, EMA, dataset, versions."""
+    from scoresde.checkpoint import checkpoint_info, load_checkpoint
+
+    with user_errors():
+        summary = checkpoint_info(checkpoint)
+        config = load_checkpoint(checkpoint).get("config") or {}
+        summary["preset"] = config.get("model")
+        summary["conditional"] = config.get("conditional")
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2, default=str))
+            return
+        sde_cfg = dict(summary.get("sde") or {})
+        model_cfg = dict(summary.get("model") or {})
+        versions = summary.get("versions") or {}
+        metrics = summary.get("metrics") or {}
+        rows = [
+            ("checkpoint", summary["path"]),
+            ("step", summary.get("step")),
+            ("dataset", f"{summary.get('dataset')}" + (" (conditional)" if summary.get("conditional") else "")),
+            ("sde", f"{sde_cfg.pop('name', '?')} {_kv(sde_cfg)}"),
+            ("model", f"{summary.get('preset')} preset, {model_cfg.pop('arch', '?')}, {summary.get('model_numel'):,} parameters"),
+            ("model config", _kv(model_cfg)),
+            ("ema", f"yes (decay {summary.get('ema_decay')})" if summary.get("has_ema") else "no"),
+            ("last metrics", _kv({k: metrics[k] for k in ("loss", "lr", "steps_per_s") if k in metrics}) or "none"),
+            ("versions", _kv(versions) or "unknown"),
+            ("format", summary.get("format_version")),
+        ]
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            typer.echo(f"{k:<{width}}  {v}")
+
+
+def _kv(d: Dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+
+
+@app.command()
+def samplers() -> None:
+    """Every sampler with its knobs, their defaults and its default steps."""
+    for name, fn in solvers.SAMPLERS.items():
+        doc = (fn.__doc__ or "").strip().splitlines()
+        typer.echo(f"{name}  (default steps {solvers.DEFAULT_STEPS.get(name, '?')})")
+        typer.echo(f"    {doc[0] if doc else ''}")
+        knobs = solvers.SAMPLER_KNOBS.get(name, {})
+        typer.echo(f"    knobs: {', '.join(f'{k}={v!r}' for k, v in knobs.items()) or 'none'}")
 
 
 def main() -> None:
     app()
+
+
+__all__ = ["app", "main"]
