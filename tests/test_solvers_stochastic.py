@@ -114,8 +114,10 @@ def _check_moments(x, c, var, target_c, target_var, mean_bias_tol, var_bias_tol)
 
 # Step counts: with N = 80 the chain biases are <= 16% in variance and <= 0.025 in mean for every
 # SDE (O(1/N), see the bias asserts); n = 2000 x 4 coordinates gives a variance se of ~1.6%.
+# VP and VE by default; sub-VP and cosine (also covered by the PC, mixture and image tests) under -m slow.
 LINEAR_CASES = [
-    (p, s) for p in ("ancestral", "euler_maruyama", "reverse_diffusion") for s in ("vp", "ve", "subvp", "cosine")
+    (p, s) if s in ("vp", "ve") else pytest.param(p, s, marks=pytest.mark.slow)
+    for p in ("ancestral", "euler_maruyama", "reverse_diffusion") for s in ("vp", "ve", "subvp", "cosine")
 ]
 
 
@@ -201,7 +203,8 @@ def test_pc_langevin_snr_rule_recovers_gaussian_in_higher_dimension(sde_name):
 MIXTURE_CASES = [
     ("ancestral", "vp", {}), ("euler_maruyama", "ve", {}), ("reverse_diffusion", "subvp", {}),
     ("pc", "vp", {"corrector": "ald"}), ("pc", "ve", {"corrector": "ald", "predictor": "ancestral"}),
-    ("langevin", "ve", {"snr": 0.5, "corrector_steps": 3}), ("sde", "cosine", {}),
+    pytest.param("langevin", "ve", {"snr": 0.5, "corrector_steps": 3}, marks=pytest.mark.slow),  # 300 NFE
+    ("sde", "cosine", {}),
 ]
 
 
@@ -389,3 +392,18 @@ def test_registry_and_knob_table_agree():
     assert set(stochastic.STOCHASTIC) == set(stochastic.KNOBS)
     for name, fn in stochastic.STOCHASTIC.items():
         assert solvers.SAMPLERS[name] is fn
+
+
+@pytest.mark.parametrize("sampler", ALL_SAMPLERS)
+def test_model_kwargs_reach_every_evaluation(sampler):
+    sde = SDES["vp"]()
+    exact = GaussianMixture.ring().eps_model(sde)
+    seen = []
+
+    def model(x, t, **kw):
+        seen.append(kw)
+        return exact(x, t)
+
+    y = torch.tensor([1, 0, 1])
+    res = solvers.sample(model, sde, (3, 2), sampler=sampler, steps=4, generator=0, model_kwargs={"y": y})
+    assert len(seen) == res.nfe and all(kw.keys() == {"y"} and kw["y"] is y for kw in seen)
