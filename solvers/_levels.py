@@ -29,7 +29,7 @@ from scoresde.sde import SDE
 from .base import SCHEDULES, time_grid
 
 
-def window_grid(sde: SDE, steps: int, t_min: float, t_max: float, sigma_lo: float = 0.3, sigma_hi: float = 10.0) -> torch.Tensor:
+def window_grid(sde: SDE, steps: int, t_min: float, t_max: float, sigma_lo: float = 0.5, sigma_hi: float = 10.0) -> torch.Tensor:
     """Steps uniform in ``v(sigma) = log((sigma + sigma_hi) / (sigma + sigma_lo))``.
 
     Inside the window ``sigma_lo << sigma << sigma_hi``, ``v ~ -log sigma``: uniform log-SNR steps,
