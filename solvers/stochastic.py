@@ -344,14 +344,15 @@ def pc(
     a corrector at ``T`` instead of one at ``t_min``. Defaults: reverse-diffusion + Langevin with
     ``snr = 0.16`` (the paper's setting for VE/CIFAR-10) and one corrector step, i.e. 2 NFE per step.
 
-    Caveat, low dimension: the per-sample ``langevin`` step depends on the state, ``e ~ 1/||score(x)||^2``,
-    and a Langevin chain with state-dependent step ``e(x)`` leaves ``p(x) / e(x)`` invariant, not
-    ``p`` (Fokker-Planck with ``rho = p / e``). For Gaussian data that is ``p ||x - mean||^2``: the
-    radius law moves from chi^2_D to chi^2_{D+2}, a variance bias of order ``1/D`` whatever ``snr``
-    (at stationarity with snr = 0.16 we measured about +30% at D = 16, +9% at D = 64 and +4% at
-    D = 256, ULA's own +2.6% included: negligible only for images). In 1-2 dimensions ``||score||`` is often near 0 and single steps
-    explode. score_sde averages the norms over the batch, which hides this but ties each sample to
-    its batch; use ``corrector="ald"`` (state-independent step) for low-dimensional data.
+    Caveat, low dimension: the per-sample ``langevin`` step depends on the state,
+    ``e ~ 1/||score(x)||^2``, and a Langevin chain with state-dependent step ``e(x)`` leaves
+    ``p(x) / e(x)`` invariant, not ``p`` (Fokker-Planck with ``rho = p / e``). For Gaussian data,
+    with ``||z||`` at its typical value, that is ``p ||x - mean||^2``: the radius law moves from
+    chi^2_D to chi^2_{D+2}, a variance bias of order ``1/D`` whatever ``snr``. At stationarity with
+    snr = 0.16 we measured about +30% at D = 16, +9% at D = 64 and +4% at D = 256 (ULA's own +2.6%
+    included): negligible only for images. In 1-2 dimensions ``||score||`` is often near 0 and
+    single steps explode. score_sde averages the norms over the batch, which hides this but ties
+    each sample to its batch; use ``corrector="ald"`` (state-independent step) for low-dimensional data.
     """
     opts = _options("pc", knobs)
     return _pc_loop("pc", model, sde, x_T, steps, generator, callback, progress, model_kwargs, opts)

@@ -328,7 +328,8 @@ def test_unknown_knob_lists_accepted_ones():
 @pytest.mark.parametrize("sampler,knobs,word", [
     ("pc", {"predictor": "heun"}, "predictor"), ("pc", {"corrector": "mala"}, "corrector"),
     ("langevin", {"corrector": "none"}, "corrector"), ("pc", {"snr": -1.0}, "snr"),
-    ("pc", {"corrector_steps": 1.5}, "corrector_steps"), ("pc", {"predictor": "none", "corrector": "none"}, "corrector"),
+    ("pc", {"corrector_steps": 1.5}, "corrector_steps"),
+    ("pc", {"predictor": "none", "corrector": "none"}, "corrector"),
     ("ancestral", {"schedule": "cubic"}, "schedule"), ("ancestral", {"denoise_final": "yes"}, "denoise_final"),
     ("euler_maruyama", {"t_min": 2.0}, "t_min"), ("sde", {"method": "rk4"}, "method"),
     ("sde", {"adaptive": True}, "brownian"), ("sde", {"brownian": "tree"}, "brownian"), ("sde", {"dt": -0.1}, "dt"),
