@@ -238,11 +238,19 @@ def nfe_of(name: str, sde: SDE, steps: int, dim: int = 2) -> int:
     return solvers.sample(model, sde, x_T=x, sampler=name, steps=steps, generator=0).nfe
 
 
+_STEPS_CACHE: Dict[Tuple[str, int, str], Tuple[Optional[int], Optional[int]]] = {}
+
+
 def steps_for_nfe(name: str, sde: SDE, target: int) -> Tuple[Optional[int], Optional[int]]:
     """Largest ``steps`` whose NFE is at most ``target`` (NFE is non-decreasing in steps): (steps, nfe).
 
-    Returns ``(None, None)`` when even one step costs more than ``target``.
+    NFE is affine in ``steps`` for every fixed-step sampler (``a steps + b``): fit it from 1 and 2
+    steps, then confirm around the prediction (and fall back to bisection if it is not affine).
+    Returns ``(None, None)`` when even one step costs more than ``target``. Cached per sampler.
     """
+    key = (name, int(target), repr(sde))
+    if key in _STEPS_CACHE:
+        return _STEPS_CACHE[key]
     cache: Dict[int, int] = {}
 
     def cost(s: int) -> int:
@@ -250,18 +258,20 @@ def steps_for_nfe(name: str, sde: SDE, target: int) -> Tuple[Optional[int], Opti
             cache[s] = nfe_of(name, sde, s)
         return cache[s]
 
-    if cost(1) > target:
-        return None, None
-    lo, hi = 1, max(1, target)
-    while cost(hi) <= target and hi < 4 * target:  # some samplers spend < 1 NFE per step? grow
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:  # invariant: cost(lo) <= target < cost(hi) (or hi at the cap)
-        mid = (lo + hi) // 2
-        if cost(mid) <= target:
-            lo = mid
-        else:
-            hi = mid
-    return lo, cost(lo)
+    result: Tuple[Optional[int], Optional[int]] = (None, None)
+    if cost(1) <= target:
+        a, b = cost(2) - cost(1), 2 * cost(1) - cost(2)
+        guess = (target - b) // a if a > 0 else target
+        if guess >= 1 and cost(guess) <= target and cost(guess + 1) > target:
+            result = (guess, cost(guess))
+        else:  # bisection on [1, 4 target]: cost(lo) <= target < cost(hi)
+            lo, hi = 1, 4 * max(1, target)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid)
+            result = (lo, cost(lo))
+    _STEPS_CACHE[key] = result
+    return result
 
 
 def is_adaptive(name: str, sde: SDE) -> bool:
