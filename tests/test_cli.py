@@ -1,0 +1,225 @@
+"""End-to-end tests of the ``scoresde`` CLI with Typer's CliRunner on tiny configurations.
+
+One tiny run (the ``tiny`` U-Net on digits, a few steps) is trained once per module; the other
+tests sample from it, resume it in a copy, compute likelihoods and provoke user errors. What is
+checked is plumbing: files written, options reaching the library, exact batch-size invariance,
+NFE matching the samplers' documented counts, and one-line error messages without tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import solvers
+from cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny networks gain nothing from threads; one avoids oversubscribing a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+TINY = ["--model", "tiny", "--batch-size", "8", "--warmup", "0", "--num-samples", "4", "--sample-steps", "2",
+        "--log-every", "2", "--device", "cpu", "--quiet"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    return result
+
+
+def assert_one_line_error(result, needle: str, code: int = 1):
+    """Non-zero exit, no traceback, and the output ends with exactly one ``Error:`` line holding ``needle``."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("Error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    assert needle in errors[0], result.output
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 4-step tiny run whose base settings come from a TOML file that the options partly override."""
+    root = tmp_path_factory.mktemp("cli")
+    cfg = root / "tiny.toml"
+    cfg.write_text('dataset = "digits"\nsteps = 50\nseed = 3\n[sde_kwargs]\nbeta_max = 15.0\n')
+    out = root / "run"
+    ok(invoke("train", "--config", cfg, "--out", out, "--steps", 4, *TINY))
+    return out
+
+
+def test_no_args_prints_help():
+    result = invoke()
+    assert "Usage:" in result.output and "train" in result.output and "samplers" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_every_option_has_help_and_a_shown_default():
+    for command in ("train", "sample", "likelihood"):
+        text = ok(invoke(command, "--help")).output
+        assert "[default:" in text
+    text = ok(invoke("train", "--help")).output
+    for option in ("--steps", "--batch-size", "--lr", "--ema-decay", "--seed", "--device", "--sde", "--model"):
+        block = text.split(option, 1)[1].split("\n  -", 1)[0]
+        assert "[default:" in block, option
+
+
+def test_train_writes_run_directory_with_file_values_and_overrides(run):
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["steps"] == 4  # option beats the file's 50
+    assert saved["seed"] == 3 and saved["sde_kwargs"] == {"beta_max": 15.0}  # from the file
+    assert saved["model"] == "tiny" and saved["batch_size"] == 8
+    for name in ("checkpoint.pt", "metrics.jsonl", "samples.png", "samples_000004.png"):
+        assert (run / name).is_file(), name
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+
+
+def test_resume_continues_from_the_saved_step(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    # only the new end is given: the rest of the config comes from the run's config.json
+    result = ok(invoke("train", "--out", copy, "--resume", "--steps", 6, "--quiet"))
+    assert "step 6" in result.output
+    steps = [json.loads(line)["step"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]  # appended, not restarted
+    assert re.search(r"^step\s+6$", ok(invoke("info", copy / "checkpoint.pt")).output, re.M)
+
+
+# documented NFE: ancestral = steps + 1 (the final Tweedie denoise is a call), pc = 2 per step + 1,
+# ddim and dpm_solver exactly `steps` (their final denoise reuses the last evaluation)
+@pytest.mark.parametrize("sampler,steps,nfe", [("ancestral", 3, 4), ("pc", 3, 7), ("ddim", 3, 3), ("dpm_solver", 3, 3)])
+def test_sample_writes_grid_and_tensors(run, tmp_path, sampler, steps, nfe):
+    out = tmp_path / "grid.png"
+    result = ok(invoke("sample", run / "checkpoint.pt", "--sampler", sampler, "--steps", steps, "-n", 3,
+                       "--batch-size", 2, "--out", out, "--quiet", "--device", "cpu"))
+    assert out.is_file() and out.stat().st_size > 0
+    data = np.load(tmp_path / "grid.npz")
+    assert data["x"].shape == (3, 1, 8, 8) and np.isfinite(data["x"]).all()
+    assert str(data["sampler"]) == sampler and int(data["steps"]) == steps
+    assert "wall time:" in result.output
+    assert f"NFE: {nfe} per batch ({2 * nfe} in 2 batch(es))" in result.output
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])  # one stochastic, one deterministic
+def test_sample_is_identical_for_any_batch_size(run, tmp_path, sampler):
+    def draw(batch_size, seed=0):
+        path = tmp_path / f"b{batch_size}_{seed}.pt"
+        ok(invoke("sample", run / "checkpoint.pt", "--sampler", sampler, "--steps", 3, "-n", 5, "--seed", seed,
+                  "--batch-size", batch_size, "--out", tmp_path / "g.png", "--tensors", path, "--quiet", "--device", "cpu"))
+        return torch.load(path, weights_only=True)["x"]
+
+    one, many = draw(1), draw(64)
+    assert torch.equal(one, many)
+    assert not torch.equal(one, draw(1, seed=1))  # the seed matters, so equality above is not vacuous
+
+
+def test_sample_trajectory_and_knobs(run, tmp_path):
+    traj = tmp_path / "traj.png"
+    ok(invoke("sample", run / "checkpoint.pt", "--sampler", "ddim", "--steps", 4, "--knob", "eta=0.5",
+              "--schedule", "quadratic", "-n", 2, "--out", tmp_path / "g.png", "--trajectory", traj, "--quiet"))
+    assert traj.is_file() and traj.stat().st_size > 0
+
+
+def test_likelihood_prints_bits_per_dim_with_error_bar(run):
+    result = ok(invoke("likelihood", run / "checkpoint.pt", "--n", 4, "--rtol", "1e-2", "--atol", "1e-2",
+                       "--quiet", "--device", "cpu"))
+    m = re.search(r"bits/dim.*: (-?[\d.]+) ± ([\d.]+) \(n=4", result.output)
+    assert m, result.output
+    assert np.isfinite(float(m.group(1))) and float(m.group(2)) > 0
+    assert re.search(r"NFE: \d+ in 1 solve", result.output)
+
+
+def test_info_reports_what_the_checkpoint_holds(run):
+    text = ok(invoke("info", run / "checkpoint.pt")).output
+    assert re.search(r"^step\s+4$", text, re.M)
+    assert re.search(r"^dataset\s+digits", text, re.M)
+    assert re.search(r"^sde\s+VPSDE .*beta_max=15", text, re.M)
+    assert re.search(r"^model\s+tiny preset, unet", text, re.M)
+    assert re.search(r"^ema\s+yes", text, re.M)
+    assert "torch=" in text and "scoresde=" in text
+    summary = json.loads(ok(invoke("info", run / "checkpoint.pt", "--json")).output)
+    assert summary["step"] == 4 and summary["has_ema"] is True
+
+
+def test_samplers_lists_every_sampler_with_knobs_and_defaults():
+    text = ok(invoke("samplers")).output
+    for name, knobs in solvers.SAMPLER_KNOBS.items():
+        block = text.split(f"{name}  (default steps", 1)[1].split("\n", 3)[:3]
+        for knob, default in knobs.items():
+            assert f"{knob}={default!r}" in block[2], (name, knob)
+    assert set(solvers.SAMPLERS) <= {ln.split()[0] for ln in text.splitlines() if ln and not ln.startswith(" ")}
+
+
+# ---------------------------------------------------------------------------------------------
+# User mistakes: one line, non-zero exit, no traceback.
+# ---------------------------------------------------------------------------------------------
+def test_missing_checkpoint(tmp_path):
+    for command in ("sample", "likelihood", "info"):
+        assert_one_line_error(invoke(command, tmp_path / "nope.pt"), "no checkpoint file at")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 this is not a torch file")
+    assert_one_line_error(invoke("sample", bad, "--quiet"), "truncated or corrupt")
+    assert_one_line_error(invoke("info", bad), "truncated or corrupt")
+
+
+def test_unknown_dataset_and_negative_steps(tmp_path):
+    assert_one_line_error(invoke("train", "--dataset", "imagenet", "--out", tmp_path), "'--dataset'", code=2)
+    assert_one_line_error(invoke("train", "--steps", -5, "--out", tmp_path), "'--steps'", code=2)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('dataset = "imagenet"\n')
+    assert_one_line_error(invoke("train", "--config", cfg, "--out", tmp_path), "unknown dataset 'imagenet'")
+    cfg.write_text("steps = -5\n")
+    assert_one_line_error(invoke("train", "--config", cfg, "--out", tmp_path), "steps must be a positive integer")
+
+
+def test_config_file_errors(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("steps = 10\nbogus = 1\n")
+    assert_one_line_error(invoke("train", "--config", cfg, "--out", tmp_path), "unknown key(s) ['bogus']")
+    cfg.write_text("steps = = 10\n")
+    assert_one_line_error(invoke("train", "--config", cfg, "--out", tmp_path), "not valid TOML")
+    assert_one_line_error(invoke("train", "--config", tmp_path / "none.toml", "--out", tmp_path), "no config file")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu(run, tmp_path):
+    assert_one_line_error(invoke("train", "--device", "cuda", "--out", tmp_path, "--steps", 1), "CUDA requested but not available")
+    assert_one_line_error(invoke("sample", run / "checkpoint.pt", "--device", "cuda"), "CUDA requested but not available")
+
+
+def test_unknown_or_misplaced_knob(run, tmp_path):
+    ck = run / "checkpoint.pt"
+    assert_one_line_error(invoke("sample", ck, "--knob", "foo=1", "--out", tmp_path / "g.png"), "has no knob(s) ['foo']")
+    assert_one_line_error(invoke("sample", ck, "--sampler", "pc", "--eta", 0.5, "--out", tmp_path / "g.png"), "has no knob(s) ['eta']")
+    assert_one_line_error(invoke("sample", ck, "--knob", "eta", "--out", tmp_path / "g.png"), "expects key=value")
+    assert_one_line_error(invoke("sample", ck, "--sampler", "nope"), "'--sampler'", code=2)
+
+
+def test_checkpoint_that_does_not_fit_the_request(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert_one_line_error(invoke("train", "--out", copy, "--resume", "--sde", "subvp", "--quiet"), "cannot resume")
+    assert_one_line_error(invoke("train", "--out", copy, "--resume", "--model", "mlp", "--quiet"), "cannot resume")
+    assert_one_line_error(invoke("sample", run / "checkpoint.pt", "--label", 3, "--quiet"), "class-conditional")
