@@ -34,8 +34,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a small general-purpose U-Net (MNIST 28x28: levels 28, 14, 7): ~6M parameters
     "small": {"arch": "unet", "base_channels": 64, "channel_mult": (1, 2, 2), "num_res_blocks": 2,
               "attn_resolutions": (16, 14, 8, 7), "dropout": 0.1},
-    # 8x8 digits in a few CPU minutes: small and fast enough for many optimisation steps
-    "digits": {"arch": "unet", "base_channels": 64, "channel_mult": (1, 2), "num_res_blocks": 2,
+    # 8x8 digits in a few CPU minutes (~0.18M parameters). At a fixed CPU budget the number of
+    # optimisation steps limits quality, not width: with 150 CPU-seconds (1 thread, batch 128,
+    # VP SDE, DDIM-50), 16 channels made 732 steps and reached FD 38 / IS 6.5, 32 channels
+    # (0.7M) 247 steps and FD 101-106 / IS 4.5-5.0 (real digits: FD 11 +- 4, IS 9.2).
+    "digits": {"arch": "unet", "base_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1,
                "attn_resolutions": (4,), "dropout": 0.0},
     # DDPM++ (VP, continuous) CIFAR-10 of Song et al. 2021: 128 channels, mult (1,2,2,2), 4 blocks, attention at 16
     "cifar10": {"arch": "unet", "base_channels": 128, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 4,
