@@ -155,7 +155,7 @@ class GaussianMixture:
     def gaussian(cls, mean: ArrayLike, std: float) -> "GaussianMixture":
         """A single isotropic Gaussian ``N(mean, std^2 I)``."""
         mean = torch.as_tensor(mean, dtype=torch.float64)
-        return cls(mean[None], torch.tensor([float(std)]), torch.ones(1, dtype=torch.float64))
+        return cls(mean[None], torch.tensor([float(std)], dtype=torch.float64), torch.ones(1, dtype=torch.float64))
 
     @classmethod
     def ring(

@@ -273,13 +273,13 @@ class VESDE(SDE):
         return self.sigma_max
 
     def _log_alpha(self, t):
-        return torch.zeros_like(t)
+        return 0.0 * t  # keeps the autograd graph (zeros_like would not)
 
     def _std(self, t):
         return self.sigma_min * torch.exp(t / self.T * self._log_ratio)
 
     def _f(self, t):
-        return torch.zeros_like(t)
+        return 0.0 * t  # keeps the autograd graph (zeros_like would not)
 
     def _g2(self, t):
         return 2.0 * self._log_ratio / self.T * self._std(t) ** 2
@@ -313,7 +313,8 @@ class CosineVPSDE(SDE):
         return (t + self.s) / (1 + self.s) * (math.pi / 2)
 
     def _log_alpha(self, t):
-        return torch.log(torch.cos(self._phi(t))) - self._log_cos0
+        # clamp: rounding can make log alpha(0) a hair above 0, and std(0) the sqrt of a negative
+        return (torch.log(torch.cos(self._phi(t))) - self._log_cos0).clamp(max=0.0)
 
     def _std(self, t):
         return torch.sqrt(-torch.expm1(2.0 * self._log_alpha(t)))
