@@ -4,9 +4,10 @@ SDEs that answer the questions samplers ask, exact Gaussian-mixture scores as gr
 conversions among eps / score / x0 / v, and the DDPM bridge. Samplers live in :mod:`solvers`.
 """
 
-from . import analytic, ddpm, noise, parameterization
+from . import analytic, ddpm, likelihood, noise, parameterization
 from .analytic import ExactEpsModel, GaussianMixture
 from .ddpm import DDPMEpsAdapter, ddpm_betas_from_sde, vpsde_from_ddpm
+from .likelihood import bits_per_dim, decode, encode, log_likelihood
 from .noise import SampleNoise
 from .parameterization import Denoiser, ScoreFunction, score_fn_from_eps
 from .sde import SDE, SDES, CosineVPSDE, ReverseSDE, SubVPSDE, VESDE, VPSDE, sde_from_config
@@ -31,6 +32,11 @@ __all__ = [
     "vpsde_from_ddpm",
     "ddpm_betas_from_sde",
     "SampleNoise",
+    "log_likelihood",
+    "bits_per_dim",
+    "encode",
+    "decode",
+    "likelihood",
     "analytic",
     "ddpm",
     "noise",
