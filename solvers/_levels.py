@@ -26,44 +26,14 @@ import torch
 from scoresde._tensor import unchecked
 from scoresde.sde import SDE
 
-from .base import SCHEDULES, time_grid
+from .base import SCHEDULES, time_grid, window_grid  # noqa: F401  (window_grid re-exported)
 
 
-def window_grid(sde: SDE, steps: int, t_min: float, t_max: float, sigma_lo: float = 0.5, sigma_hi: float = 10.0) -> torch.Tensor:
-    """Steps uniform in ``v(sigma) = log((sigma + sigma_hi) / (sigma + sigma_lo))``.
-
-    Inside the window ``sigma_lo << sigma << sigma_hi``, ``v ~ -log sigma``: uniform log-SNR steps,
-    where the denoiser ``D`` changes fastest (posterior modes separate, components sharpen). Above it
-    ``v ~ sigma_hi / sigma``: uniform in ``1/sigma``, matching ``D ~ mean + Cov y / sigma^2`` with
-    ``y ~ sigma z``, which changes by ``O(1/sigma)``. Below it ``v ~ const - sigma / sigma_lo``:
-    uniform in ``sigma``, where ``D = y + sigma^2 score`` barely moves. So the step is sized to how
-    much ``D`` changes in each regime rather than spread evenly over the whole log-SNR range (which
-    spends about two thirds of the steps outside the window for ``sigma`` in [0.01, 157]).
-    The defaults suit data of scale ~1-3 (per-coordinate std); scale both with the data.
-    """
-    if not 0 < sigma_lo < sigma_hi:
-        raise ValueError(f"window needs 0 < sigma_lo < sigma_hi; got ({sigma_lo}, {sigma_hi})")
-    ends = sde.sigma(torch.tensor([t_max, t_min], dtype=torch.float64))
-    v = torch.log((ends + sigma_hi) / (ends + sigma_lo))
-    e = torch.exp(torch.linspace(float(v[0]), float(v[1]), steps + 1, dtype=torch.float64))
-    grid = sde.t_from_sigma((sigma_hi - sigma_lo * e) / (e - 1))  # inverse of v
-    grid[0], grid[-1] = t_max, t_min
-    return grid
-
-
-#: schedules of the deterministic samplers beyond :data:`solvers.base.SCHEDULES`
-EXTRA_SCHEDULES = {"window": window_grid}
 
 
 def grid_for(sde: SDE, steps: int, schedule: str, t_min: Optional[float], **kwargs) -> torch.Tensor:
-    """:func:`solvers.base.time_grid`, also accepting :data:`EXTRA_SCHEDULES` (with their kwargs)."""
-    if schedule not in EXTRA_SCHEDULES:
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {sorted(set(SCHEDULES) | set(EXTRA_SCHEDULES))}; got {schedule!r}")
-        return time_grid(sde, steps, schedule, t_min=t_min)
-    time_grid(sde, steps, "uniform", t_min=t_min)  # validates steps and t_min
-    t_min = sde.t_min if t_min is None else float(t_min)
-    return EXTRA_SCHEDULES[schedule](sde, steps, t_min, float(sde.T), **kwargs)
+    """:func:`solvers.base.time_grid` (kept for the samplers that call it by this name)."""
+    return time_grid(sde, steps, schedule, t_min=t_min, **kwargs)
 
 
 def require(sde: SDE, sampler: str, *methods: str) -> None:
