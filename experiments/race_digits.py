@@ -133,7 +133,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=359, help="samples per sampler (the test split has 359 digits)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for both sides")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ours", nargs="+", default=["dpm_solver:25", "heun:18"],
+    p.add_argument("--ours", nargs="+", default=["dpm_solver:50", "heun:25"],
                    help="our samplers as name:steps (each at most 50 NFE)")
     p.add_argument("--peer-python", default="/work/peers-venv/bin/python")
     p.add_argument("--peer-lr", type=float, default=5e-4)
