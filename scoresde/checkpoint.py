@@ -145,6 +145,9 @@ def load_model(path: PathLike, *, ema: bool = True, device: Any = "cpu") -> Tupl
 
     state = load_checkpoint(path)
     _require(state, ("model_config", "sde_config", "model", "config"), path)
+    if not isinstance(state["model_config"], dict):
+        raise CheckpointError(f"checkpoint {path} has no model_config (trained with a network lacking .config); "
+                              "build the network yourself and load state['model']")
     model = model_from_config(state["model_config"])
     weights = dict(state["model"])
     if ema:
