@@ -67,6 +67,7 @@ class Trace(str, Enum):
 
 
 _DEFAULTS = TrainConfig()
+_DEFAULTS_DICT = _DEFAULTS.to_dict()
 #: datasets stored as 8-bit levels k/127.5 - 1, for which bits/dim of the discrete data is defined
 _EIGHT_BIT = {"mnist", "cifar10", "folder"}
 
@@ -146,7 +147,6 @@ def train(
             "sde": _value(sde),
             "model": _value(model),
             "steps": steps,
-            "max_minutes": None if max_minutes is None else (max_minutes or "none"),
             "batch_size": batch_size,
             "lr": lr,
             "warmup": warmup,
@@ -161,8 +161,8 @@ def train(
             "log_every": log_every,
         }
         options = {k: v for k, v in options.items() if v is not None}
-        if options.get("max_minutes") == "none":
-            options["max_minutes"] = None  # 0 on the command line: no time limit
+        if max_minutes is not None:
+            options["max_minutes"] = max_minutes or None  # 0 on the command line: no time limit
         if sde_arg:
             options["sde_kwargs"] = parse_pairs(sde_arg, "--sde-arg")
         if model_arg:
@@ -171,15 +171,21 @@ def train(
 
         # The run directory decides the base: a resumed run starts from its own resolved config.
         out_dir = Path(extra.get("out_dir") or options.get("out_dir") or file_values.get("out_dir") or _DEFAULTS.out_dir)
-        base = _DEFAULTS.to_dict()
+        base = _DEFAULTS_DICT
         saved = out_dir / "config.json"
         if resume and saved.is_file():
             try:
-                base = merge_config(base, [json.loads(saved.read_text())], known, [str(saved)])
+                # a complete config: its dicts replace the defaults' (no key-by-key merge)
+                base = {**base, **merge_config({}, [json.loads(saved.read_text())], known, [str(saved)])}
             except json.JSONDecodeError as err:
                 raise UserError(f"{saved} is not valid JSON: {err.msg} (line {err.lineno})") from None
         where = [str(config) if config else "config", "--set", "options"]
         values = merge_config(base, [file_values, extra, options], known, where)
+        given = set(file_values) | set(extra) | set(options) | (set(base) if base is not _DEFAULTS_DICT else set())
+        for name, kwargs in (("model", "model_kwargs"), ("sde", "sde_kwargs")):
+            # the defaults' overrides belong to the default preset / SDE: another one starts from its own
+            if values[name] != getattr(_DEFAULTS, name) and kwargs not in given:
+                values[kwargs] = {}
         cfg = TrainConfig.from_dict(values).validate()
         if resume and not (out_dir / "checkpoint.pt").is_file():
             _say(quiet, f"no checkpoint in {out_dir}; starting a new run")
