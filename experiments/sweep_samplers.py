@@ -161,7 +161,8 @@ def plot(rows: List[dict], scatters: Dict[str, dict], out_dir: str) -> None:
                 continue
             if rs[0]["deterministic"]:
                 axes[0, j].loglog([r["nfe"] for r in rs], [r["rms"] for r in rs], "o-", color=colors[s], label=s, ms=3)
-            axes[1, j].loglog([r["nfe"] for r in rs], [max(r["mmd2"], 1e-7) for r in rs], "o-", color=colors[s], label=s, ms=3)
+            pos = [r for r in rs if r["mmd2"] > 0]  # an unbiased MMD^2 estimate can be negative at the floor
+            axes[1, j].loglog([r["nfe"] for r in pos], [r["mmd2"] for r in pos], "o-", color=colors[s], label=s, ms=3)
         axes[1, j].axhline(2 * floor["mmd2_std"], color="k", ls=":", lw=1, label="2 std (exact samples)")
         axes[0, j].set_title(prob, fontsize=9)
         axes[1, j].set_xlabel("NFE")
@@ -173,6 +174,8 @@ def plot(rows: List[dict], scatters: Dict[str, dict], out_dir: str) -> None:
     fig.savefig(os.path.join(out_dir, "sweep_error.png"), dpi=70)
     plt.close(fig)
 
+    if not scatters:
+        return
     two_d = [p for p in probs if scatters.get(p) and next(iter(scatters[p].values())).shape[1] == 2]
     if two_d:
         names = ["exact"] + [s for s in samplers if any(s in scatters[p] for p in two_d)]
@@ -222,6 +225,22 @@ def markdown(rows: List[dict], slope_rows: List[dict]) -> str:
     return "\n".join(out)
 
 
+def replot(out_dir: str) -> None:
+    """Redraw the error figure and the markdown table from a saved sweep.csv (no sampling)."""
+    with open(os.path.join(out_dir, "sweep.csv")) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("dim", "n", "steps", "nfe"):
+            r[k] = int(r[k])
+        r["target_nfe"] = int(r["target_nfe"]) if r["target_nfe"].isdigit() else r["target_nfe"]
+        for k in ("mmd2", "mmd2_std", "rms", "median", "seconds"):
+            r[k] = float(r[k]) if r[k] != "" else ""
+        r["deterministic"] = r["deterministic"] == "True"
+    plot(rows, {}, out_dir)
+    with open(os.path.join(out_dir, "sweep.md"), "w") as f:
+        f.write(markdown(rows, slopes(rows)))
+
+
 def fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
@@ -237,7 +256,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--samplers", nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=RESULTS)
+    ap.add_argument("--replot", action="store_true", help="redraw sweep_error.png and sweep.md from sweep.csv")
     args = ap.parse_args(argv)
+    if args.replot:
+        replot(args.out_dir)
+        return
     torch.set_num_threads(1)
     probs = args.problems or (["ring8"] if args.quick else list(SWEEP_PROBLEMS))
     nfes = [10, 20, 50] if args.quick else args.nfe
