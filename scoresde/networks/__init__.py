@@ -36,8 +36,9 @@ PRESETS: dict[str, dict[str, Any]] = {
               "attn_resolutions": (16, 14, 8, 7), "dropout": 0.1},
     # 8x8 digits in a few CPU minutes (~0.18M parameters). At a fixed CPU budget the number of
     # optimisation steps limits quality, not width: with 150 CPU-seconds (1 thread, batch 128,
-    # VP SDE, DDIM-50), 16 channels made 732 steps and reached FD 38 / IS 6.5, 32 channels
-    # (0.7M) 247 steps and FD 101-106 / IS 4.5-5.0 (real digits: FD 11 +- 4, IS 9.2).
+    # VP SDE, DDIM-50, EMA weights), 16 channels made 732 steps and reached FD 38 / IS 6.5,
+    # 24 channels (0.4M) 415 steps and FD 78 / IS 5.0, 32 channels (0.7M) 247 steps and
+    # FD 106 / IS 4.5 (real digits: FD 11 +- 4, IS 9.2).
     "digits": {"arch": "unet", "base_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1,
                "attn_resolutions": (4,), "dropout": 0.0},
     # DDPM++ (VP, continuous) CIFAR-10 of Song et al. 2021: 128 channels, mult (1,2,2,2), 4 blocks, attention at 16
