@@ -79,14 +79,16 @@ class SampleNoise:
     ) -> torch.Tensor:
         """Standard normal noise of shape ``(B, *shape)``; ``stream`` selects an independent draw."""
         n = int(math.prod(shape))
+        half = (n + 1) // 2  # Box-Muller gives two normals (cos and sin) per pair of words
         keys = self._keys.to(device)
         stream_word = _hash32(torch.tensor(int(stream) & _MASK32, device=device) + 0x6A09E667)
         base = _hash32(keys ^ stream_word)[:, None]  # (B, 1)
-        j = torch.arange(n, device=device, dtype=torch.int64)[None, :]  # (1, n)
-        w1 = _hash32(base ^ _hash32(2 * j))
+        j = torch.arange(half, device=device, dtype=torch.int64)[None, :]  # (1, half)
+        w1 = _hash32(base ^ _hash32(2 * j))  # (B, half)
         w2 = _hash32(base ^ _hash32(2 * j + 1))
-        u1, u2 = _uniform(w1), _uniform(w2)
-        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+        r = torch.sqrt(-2.0 * torch.log(_uniform(w1)))
+        phase = (2 * math.pi) * _uniform(w2)
+        z = torch.cat([r * torch.cos(phase), r * torch.sin(phase)], dim=1)[:, :n]
         return z.reshape((self.batch_size, *shape)).to(dtype)
 
     def randn_like(self, x: torch.Tensor, stream: int = 0) -> torch.Tensor:
