@@ -63,13 +63,26 @@ def exp_weights(nodes: Sequence[float], h: float) -> List[float]:
     polynomial ``P`` of degree ``< len(nodes)``; ``nodes`` are the ``r_j`` in units of ``h``.
 
     With moments ``mu_m = int_0^h e^{-(h-u)} (u/h)^m du = h m! phi_{m+1}(-h)`` and the Vandermonde
-    matrix ``V_jm = r_j^m``, ``w = V^{-T} mu`` (solved in float64; the ``r_j`` are O(1)).
+    matrix ``V_jm = r_j^m``, ``w = V^{-T} mu``: solved in Python float64 by Gaussian elimination with
+    partial pivoting (at most 4 x 4, the ``r_j`` are O(1)); pure host arithmetic, no tensor setup.
     """
     k = len(nodes)
-    mu = torch.tensor([h * math.factorial(m) * phi(m + 1, h) for m in range(k)], dtype=torch.float64)
-    r = torch.tensor(list(nodes), dtype=torch.float64)
-    vander = r[:, None] ** torch.arange(k, dtype=torch.float64)[None, :]  # (k nodes, k powers)
-    return torch.linalg.solve(vander.T, mu).tolist()
+    r = [float(v) for v in nodes]
+    # rows m of V^T: [r_0^m, ..., r_{k-1}^m | mu_m]
+    a = [[rj**m for rj in r] + [h * math.factorial(m) * phi(m + 1, h)] for m in range(k)]
+    for c in range(k):
+        piv = max(range(c, k), key=lambda i: abs(a[i][c]))
+        if a[piv][c] == 0.0:
+            raise ValueError(f"nodes must be distinct; got {list(nodes)!r}")
+        a[c], a[piv] = a[piv], a[c]
+        for i in range(c + 1, k):
+            f = a[i][c] / a[c][c]
+            if f != 0.0:
+                a[i] = [x - f * y for x, y in zip(a[i], a[c])]
+    w = [0.0] * k
+    for i in range(k - 1, -1, -1):
+        w[i] = (a[i][k] - sum(a[i][j] * w[j] for j in range(i + 1, k))) / a[i][i]
+    return w
 
 
 def local_gaussian_step(
@@ -152,6 +165,7 @@ def dpm_solver(
     # All weights from the grid alone, before the loop (no host sync inside it).
     pred_w: List[List[float]] = []
     corr_w: List[List[float]] = []
+    decays = [math.exp(-(lam[i + 1] - lam[i])) for i in range(n)]
     for i in range(n):
         h = lam[i + 1] - lam[i]
         p = step_order(i)
@@ -159,11 +173,12 @@ def dpm_solver(
         pred_w.append(exp_weights(pred_nodes, h))
         corr_w.append(exp_weights([1.0] + pred_nodes, h))
 
-    def combine(w: List[float], ds: List[torch.Tensor]) -> torch.Tensor:
+    def advance(decay: float, y0: torch.Tensor, w: List[float], ds: List[torch.Tensor]) -> torch.Tensor:
+        """``decay y0 + sum_j w_j D_j``: one fresh tensor, then fused in-place multiply-adds."""
         assert len(ds) >= len(w)
-        acc = w[0] * ds[0]
-        for wj, dj in zip(w[1:], ds[1:]):
-            acc = acc + wj * dj
+        acc = torch.mul(y0, decay)
+        for wj, dj in zip(w, ds):
+            acc.add_(dj, alpha=wj)
         return acc
 
     y = x_T / lv.alpha[0]  # state in y = x / alpha
@@ -178,12 +193,12 @@ def dpm_solver(
         ds = [e[0] for e in evals]
         if corrector and i > 0:
             # Adams-Moulton redo of step i-1 including the new D_i; D_i itself is not re-evaluated.
-            y = math.exp(-(lam[i] - lam[i - 1])) * y_start + combine(corr_w[i - 1], ds)
+            y = advance(decays[i - 1], y_start, corr_w[i - 1], ds)
         y_start = y
         if final_step == "gaussian" and i == n - 1 and n >= 2:
             y, x0 = local_gaussian_step(y, evals[0], evals[1], lv.sigma[n])
         else:
-            y = math.exp(-(lam[i + 1] - lam[i])) * y + combine(pred_w[i], ds)
+            y = advance(decays[i], y, pred_w[i], ds)
         run.report(i, lv.t[i + 1], lv.alpha[i + 1] * y, d)
     if not denoise:
         return lv.alpha[n] * y
