@@ -357,6 +357,27 @@ def test_local_gaussian_final_step_is_exact_for_gaussian_data():
     assert torch.allclose(x0, denoise(exact, st), atol=1e-10)
 
 
+def test_shifted_denoise_is_exact_for_isotropic_gaussian_only():
+    # For data N(mu, s^2 I), D(., sigma) is affine in y with slope s^2/(s^2 + sigma^2), and two
+    # evaluations determine (mu, s^2) per sample, so moving D_a to another y must be exact to rounding.
+    # Anisotropic data (stds 0.3 and 2 on the two halves) has no scalar slope: the shift must then err
+    # visibly (by ~|c_true - c_fit| |y - y_a| ~ 0.1 here), so the first check is not vacuous.
+    from solvers.dpm_solver import shifted_denoise
+
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(4, 6, generator=g, dtype=F64)
+    for s2, exact in ((torch.tensor([0.04, 0.25, 1.0, 9.0], dtype=F64)[:, None], True),
+                      (torch.tensor([0.09] * 3 + [4.0] * 3, dtype=F64)[None, :], False)):
+        def denoise(y, sig):
+            return mu + s2 / (s2 + sig**2) * (y - mu)
+
+        sa, sb = 0.7, 1.5
+        ya, yb = mu + torch.randn(mu.shape, generator=g, dtype=F64), mu + torch.randn(mu.shape, generator=g, dtype=F64)
+        y = ya + torch.randn(mu.shape, generator=g, dtype=F64)
+        err = float((shifted_denoise(y, (denoise(ya, sa), ya, sa), (denoise(yb, sb), yb, sb)) - denoise(y, sa)).abs().max())
+        assert (err < 1e-12) if exact else (err > 1e-2), err
+
+
 @pytest.mark.slow
 def test_headline_ring_endpoint_error_at_10_and_20_nfe():
     # Issue 3: the 2-D ring with unequal weights/widths under the default VP SDE (sigma ~ 0.01..152),
