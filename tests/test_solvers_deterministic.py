@@ -85,6 +85,7 @@ GAUSS_CASES = [
     ("dpm_solver", 30, {"order": 2, "corrector": False, "schedule": "logsnr", "final_step": "dpm"}, 0.15),
     ("dpm_solver", 30, {"order": 3, "corrector": False, "schedule": "logsnr", "final_step": "dpm"}, 2e-2),
     ("dpm_solver", 30, {}, 2e-2),
+    ("dpm_solver", 30, {"shift_eval": True}, 2e-2),
     ("ode", 1, {}, 1e-3),
     ("ode", 15, {"method": "rk4"}, 2e-2),
 ]
@@ -96,7 +97,7 @@ def _gauss_params():
     out = []
     for sde_name in SDES:
         for i, case in enumerate(GAUSS_CASES):
-            fast = sde_name == "vp" or i in (4, 5)
+            fast = sde_name == "vp" or i in (4, 6)
             out.append(pytest.param(sde_name, *case, marks=() if fast else pytest.mark.slow))
     return out
 
@@ -130,6 +131,8 @@ ORDER_CASES = [
     # since its O(h^2) local error would set the asymptotic order.
     ("dpm_solver", {**_PLAIN, "order": 2, "corrector": True, "lower_order_final": False}, (20, 40, 80), 3.0),
     ("dpm_solver", {**_PLAIN, "order": 3, "corrector": True, "lower_order_final": False}, (20, 40, 80), 4.0),
+    # moving the reused evaluation to the corrected state (shift_eval) must keep that order
+    ("dpm_solver", {**_PLAIN, "order": 3, "corrector": True, "lower_order_final": False, "shift_eval": True}, (20, 40, 80), 4.0),
     ("ode", {"method": "midpoint", "variable": "t", "schedule": "uniform"}, (10, 20, 40), 2.0),
     pytest.param("ode", {"method": "rk4", "variable": "log_sigma"}, (10, 20, 40), 4.0, marks=pytest.mark.slow),
 ]
@@ -227,6 +230,7 @@ def test_ddim_eta_step_is_the_ddpm_posterior_and_reproducible():
         ("dpm_solver", 2, {}, 2),
         ("dpm_solver", 10, {}, 10),
         ("dpm_solver", 10, {"corrector": True}, 10),
+        ("dpm_solver", 10, {"shift_eval": True}, 10),
         ("dpm_solver", 20, {"order": 2}, 20),
         ("ode", 5, {"method": "rk4"}, 21),
         ("ode", 5, {"method": "rk4", "denoise_final": False}, 20),
