@@ -71,10 +71,7 @@ class TrainConfig:
     t_min: Optional[float] = None  # lower limit of training times (default: the SDE's t_min)
     # -- model ---------------------------------------------------------------------------------
     model: str = "digits"  # a preset in scoresde.networks.PRESETS
-    # overrides of the preset. Default: a 0.7M-parameter U-Net (32 channels, one block per level),
-    # ~4.5x cheaper per step than the 4M preset, so five CPU minutes buy ~4.5x more steps; on 8x8
-    # digits the number of steps, not the width, limits quality at this budget (experiments/race_digits.py)
-    model_kwargs: Dict[str, Any] = field(default_factory=lambda: {"base_channels": 32, "num_res_blocks": 1})
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
     # -- optimisation --------------------------------------------------------------------------
     steps: int = 100_000  # optimiser steps (the run may stop earlier at max_minutes)
     max_minutes: Optional[float] = 5.0  # wall-clock budget of the training loop; None: no limit
