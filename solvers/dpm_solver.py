@@ -98,6 +98,42 @@ def exp_weights(nodes: Sequence[float], h: float) -> List[float]:
     return w
 
 
+_GL_NODES = 32  # Gauss-Legendre points: the integrands are smooth on one step, exact to ~1e-15
+
+
+def window_weights(node_lams: Sequence[float], lam0: float, lam1: float, sigma_lo: float, sigma_hi: float) -> List[float]:
+    """Like :func:`exp_weights`, but ``P`` is the interpolating polynomial in the window grid's own
+    variable ``v(sigma) = log((sigma + sigma_hi) / (sigma + sigma_lo))`` (``sigma = e^{-lambda}``)
+    instead of in ``lambda``: ``w_j = int_{lam0}^{lam1} e^{-(lam1 - l)} L_j(v(l)) dl`` with the
+    Lagrange basis ``L_j`` on the nodes ``v(node_lams)``, by Gauss-Legendre quadrature in float64.
+
+    The window grid is uniform in ``v`` because the denoiser changes at a roughly even rate in it
+    (``~ 1/sigma`` above the window, ``~ log sigma`` inside, ``~ sigma`` below), so a low-degree
+    polynomial in ``v`` follows ``D`` across the long steps above and below the window, where one in
+    ``lambda`` does not (e.g. ``D - mean ~ e^{lambda}`` at high noise). Inside the window ``v ~ -log
+    sigma`` and this is :func:`exp_weights` again.
+    """
+    import numpy as np
+
+    def v(lam_: "np.ndarray") -> "np.ndarray":
+        sig = np.exp(-lam_)
+        return np.log((sig + sigma_hi) / (sig + sigma_lo))
+
+    x, gw = np.polynomial.legendre.leggauss(_GL_NODES)
+    half = 0.5 * (lam1 - lam0)
+    u = half * (x + 1.0) + lam0
+    kernel = np.exp(-(lam1 - u)) * half * gw
+    vu, vn = v(u), v(np.asarray(node_lams, dtype=np.float64))
+    out = []
+    for j in range(len(vn)):
+        basis = np.ones_like(u)
+        for k in range(len(vn)):
+            if k != j:
+                basis *= (vu - vn[k]) / (vn[j] - vn[k])
+        out.append(float((kernel * basis).sum()))
+    return out
+
+
 def _gaussian_fit(
     a: Tuple[torch.Tensor, torch.Tensor, float], b: Tuple[torch.Tensor, torch.Tensor, float]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +225,9 @@ def dpm_solver(
     each reused evaluation to the corrected state, :func:`shifted_denoise`); ``schedule`` (a :data:`solvers.SCHEDULES`
     name or "window"; "logsnr" = uniform steps in ``h``); ``window`` (``(sigma_lo, sigma_hi)`` of the
     "window" grid, in units of the data: scale both with the data's per-coordinate std; the defaults
-    were chosen on data of std ~1-3); ``t_min``; ``lower_order_final`` (first order over the last
+    were chosen on data of std ~1-3); ``t_min``; ``interp`` ("lambda": ``P`` a polynomial in ``lambda``; "window": in the window grid's variable,
+    :func:`window_weights`); ``corrector_order`` (``None``: the corrector interpolates ``order + 1``
+    points; an int caps that, e.g. 3 as in UniPC's default); ``lower_order_final`` (first order over the last
     two steps); ``final_step`` ("gaussian": exact step under a
     fitted local Gaussian, see :func:`local_gaussian_step`; "dpm": the multistep update);
     ``denoise_final`` (return Tweedie's ``x_0`` at ``t_min`` with no extra NFE: from the local
@@ -212,6 +250,14 @@ def dpm_solver(
     if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(v, (int, float)) for v in window)):
         raise ValueError(f"window must be a pair (sigma_lo, sigma_hi); got {window!r}")
     extra = {"sigma_lo": float(window[0]), "sigma_hi": float(window[1])} if o["schedule"] == "window" else {}
+    interp = o["interp"]
+    if interp not in ("lambda", "window") or (interp == "window" and o["schedule"] != "window"):
+        raise ValueError(f"interp must be 'lambda', or 'window' with schedule='window'; got {interp!r} with schedule={o['schedule']!r}")
+    corr_cap = o["corrector_order"]
+    if corr_cap is None:
+        corr_cap = _MAX_ORDER + 1
+    if not isinstance(corr_cap, int) or isinstance(corr_cap, bool) or not 2 <= corr_cap <= _MAX_ORDER + 1:
+        raise ValueError(f"corrector_order must be None or an int in [2, {_MAX_ORDER + 1}]; got {corr_cap!r}")
     lv = levels(sde, steps, o["schedule"], o["t_min"], "dpm_solver", **extra)
     run = Run(model, sde, x_T, generator, callback, progress, model_kwargs)
     n, lam = lv.steps, lv.lam
@@ -231,8 +277,14 @@ def dpm_solver(
         h = lam[i + 1] - lam[i]
         p = step_order(i)
         pred_nodes = [(lam[i - j] - lam[i]) / h for j in range(p)]  # 0, r_{-1}, ... (<= 0)
-        pred_w.append(exp_weights(pred_nodes, h))
-        corr_w.append(exp_weights([1.0] + pred_nodes, h))
+        c_nodes = [1.0] + pred_nodes[: corr_cap - 1]
+        if interp == "window":
+            lo, hi = extra["sigma_lo"], extra["sigma_hi"]
+            pred_w.append(window_weights([lam[i] + r * h for r in pred_nodes], lam[i], lam[i + 1], lo, hi))
+            corr_w.append(window_weights([lam[i] + r * h for r in c_nodes], lam[i], lam[i + 1], lo, hi))
+        else:
+            pred_w.append(exp_weights(pred_nodes, h))
+            corr_w.append(exp_weights(c_nodes, h))
 
     def advance(decay: float, y0: torch.Tensor, w: List[float], ds: List[torch.Tensor]) -> torch.Tensor:
         """``decay y0 + sum_j w_j D_j``: one fresh tensor, then fused in-place multiply-adds."""
@@ -289,5 +341,7 @@ KNOBS: Dict[str, Dict[str, object]] = {
         "lower_order_final": True,
         "denoise_final": True,
         "final_step": "gaussian",
+        "interp": "lambda",
+        "corrector_order": None,
     }
 }

@@ -86,6 +86,7 @@ GAUSS_CASES = [
     ("dpm_solver", 30, {"order": 3, "corrector": False, "schedule": "logsnr", "final_step": "dpm"}, 2e-2),
     ("dpm_solver", 30, {}, 2e-2),
     ("dpm_solver", 30, {"shift_eval": True}, 2e-2),
+    ("dpm_solver", 30, {"interp": "window", "corrector_order": 3}, 2e-2),
     ("ode", 1, {}, 1e-3),
     ("ode", 15, {"method": "rk4"}, 2e-2),
 ]
@@ -97,7 +98,7 @@ def _gauss_params():
     out = []
     for sde_name in SDES:
         for i, case in enumerate(GAUSS_CASES):
-            fast = sde_name == "vp" or i in (4, 6)
+            fast = sde_name == "vp" or i in (4, 7)
             out.append(pytest.param(sde_name, *case, marks=() if fast else pytest.mark.slow))
     return out
 
@@ -307,6 +308,14 @@ def test_knob_validation():
     for bad in (0, 4, 2.0):
         with pytest.raises(ValueError, match="order"):
             DETERMINISTIC["dpm_solver"](model, sde, x_T, steps=3, order=bad)
+    for bad in ({"interp": "sigma"}, {"interp": "window", "schedule": "logsnr"}):
+        with pytest.raises(ValueError, match="interp"):
+            DETERMINISTIC["dpm_solver"](model, sde, x_T, steps=3, **bad)
+    for bad in (1, 5, 3.0, True):
+        with pytest.raises(ValueError, match="corrector_order"):
+            DETERMINISTIC["dpm_solver"](model, sde, x_T, steps=3, corrector_order=bad)
+    with pytest.raises(ValueError, match="shift_eval"):
+        DETERMINISTIC["dpm_solver"](model, sde, x_T, steps=3, shift_eval=1)
     with pytest.raises(ValueError, match="dopri5"):  # the message lists the available methods
         DETERMINISTIC["ode"](model, sde, x_T, steps=3, method="runge")
     for bad in (0.0, 2.0, -1e-5):
@@ -359,6 +368,36 @@ def test_local_gaussian_final_step_is_exact_for_gaussian_data():
     exact = mu + torch.sqrt((s2 + st**2) / (s2 + sa**2)) * (y - mu)
     assert torch.allclose(y_to, exact, atol=1e-10)
     assert torch.allclose(x0, denoise(exact, st), atol=1e-10)
+
+
+def test_window_weights_integrate_polynomials_in_the_grid_variable_exactly():
+    # w_j must reproduce int e^{-(lam1 - l)} P(v(l)) dl for every polynomial P of degree < k in
+    # v = log((sigma + hi)/(sigma + lo)); checked against adaptive quadrature (scipy quad, ~1e-13) on
+    # steps above, inside and below the window, with nodes spread as in the sampler. A polynomial of
+    # degree k (one too many) must not be reproduced, so the check can fail.
+    from scipy.integrate import quad
+
+    from solvers.dpm_solver import window_weights
+
+    lo, hi = 0.5, 10.0
+
+    def v(lam):
+        return math.log((math.exp(-lam) + hi) / (math.exp(-lam) + lo))
+
+    for lam0, lam1 in ((-5.0, -3.1), (-0.5, 0.0), (1.6, 4.5)):
+        h = lam1 - lam0
+        nodes = [lam1, lam0, lam0 - 0.8 * h, lam0 - 1.9 * h]
+        for k in (1, 2, 3, 4):
+            w = window_weights(nodes[:k], lam0, lam1, lo, hi)
+            for deg in (k - 1, k):
+                coef = [0.3 * (j + 1) * (-1) ** j for j in range(deg + 1)]
+                poly = lambda x: sum(c * x**j for j, c in enumerate(coef))
+                exact = quad(lambda l: math.exp(-(lam1 - l)) * poly(v(l)), lam0, lam1, epsabs=1e-14, epsrel=1e-13)[0]
+                got = sum(wj * poly(v(nj)) for wj, nj in zip(w, nodes[:k]))
+                if deg < k:
+                    assert abs(got - exact) < 1e-11 * max(1.0, abs(exact)), (lam0, k, got, exact)
+                else:
+                    assert abs(got - exact) > 1e-9, (lam0, k)
 
 
 def test_shifted_denoise_is_exact_for_isotropic_gaussian_only():
