@@ -38,6 +38,7 @@ solver is ``schedule="logsnr", corrector=False, final_step="dpm"``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -101,6 +102,14 @@ def exp_weights(nodes: Sequence[float], h: float) -> List[float]:
 _GL_NODES = 32  # Gauss-Legendre points: the integrands are smooth on one step, exact to ~1e-15
 
 
+@functools.lru_cache(maxsize=1)
+def _gauss_legendre():
+    """Gauss-Legendre nodes and weights on [-1, 1] (computed once: an eigenvalue problem)."""
+    import numpy as np
+
+    return np.polynomial.legendre.leggauss(_GL_NODES)
+
+
 def window_weights(node_lams: Sequence[float], lam0: float, lam1: float, sigma_lo: float, sigma_hi: float) -> List[float]:
     """Like :func:`exp_weights`, but ``P`` is the interpolating polynomial in the window grid's own
     variable ``v(sigma) = log((sigma + sigma_hi) / (sigma + sigma_lo))`` (``sigma = e^{-lambda}``)
@@ -119,7 +128,7 @@ def window_weights(node_lams: Sequence[float], lam0: float, lam1: float, sigma_l
         sig = np.exp(-lam_)
         return np.log((sig + sigma_hi) / (sig + sigma_lo))
 
-    x, gw = np.polynomial.legendre.leggauss(_GL_NODES)
+    x, gw = _gauss_legendre()
     half = 0.5 * (lam1 - lam0)
     u = half * (x + 1.0) + lam0
     kernel = np.exp(-(lam1 - u)) * half * gw
