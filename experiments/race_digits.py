@@ -110,8 +110,9 @@ def run_ours(args: argparse.Namespace) -> dict:
     from scoresde.training import TrainConfig, train
 
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(max_minutes=args.minutes, out_dir=os.path.join(args.work, "ours"), num_samples=0,
-                      seed=args.seed, device="cpu", ckpt_every=0)
+    overrides = json.loads(args.ours_config) if args.ours_config else {}
+    cfg = TrainConfig(**{"max_minutes": args.minutes, "out_dir": os.path.join(args.work, "ours"), "num_samples": 0,
+                         "seed": args.seed, "device": "cpu", "ckpt_every": 0, **overrides})
     res = train(cfg, progress=not args.quiet)
     model, sde, _ = load_model(res.final_checkpoint)
     out = {"steps": res.step, "train_s": res.elapsed_s, "params": sum(p.numel() for p in model.parameters()),
@@ -135,6 +136,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ours", nargs="+", default=["dpm_solver:50", "heun:25"],
                    help="our samplers as name:steps (each at most 50 NFE)")
+    p.add_argument("--ours-config", default=None,
+                   help='JSON overrides of our TrainConfig for experiments, e.g. \'{"batch_size": 64}\' (the race uses the default)')
     p.add_argument("--peer-python", default="/work/peers-venv/bin/python")
     p.add_argument("--peer-lr", type=float, default=5e-4)
     p.add_argument("--peer-warmup", type=int, default=100,
