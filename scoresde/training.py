@@ -75,7 +75,7 @@ class TrainConfig:
     # -- optimisation --------------------------------------------------------------------------
     steps: int = 100_000  # optimiser steps (the run may stop earlier at max_minutes)
     max_minutes: Optional[float] = 5.0  # wall-clock budget of the training loop; None: no limit
-    batch_size: int = 128  # global batch (split evenly across data-parallel ranks)
+    batch_size: int = 64  # global batch (split evenly across ranks); 64 beat 128 on digits in 5 CPU minutes
     lr: float = 2e-3  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     betas: tuple = (0.9, 0.999)  # AdamW betas
