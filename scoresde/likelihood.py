@@ -597,34 +597,41 @@ def round_trip(model: EpsModel, sde: SDE, x: torch.Tensor, **kwargs: Any) -> Rou
 # ---------------------------------------------------------------------------------------------
 # Bits per dimension of 8-bit images.
 # ---------------------------------------------------------------------------------------------
-def _pixel_levels(images: torch.Tensor) -> torch.Tensor:
-    """Integer levels ``k`` in {0..255} from uint8 images or from floats ``k/127.5 - 1`` in [-1, 1]."""
+def _pixel_levels(images: torch.Tensor, levels: int = 256) -> torch.Tensor:
+    """Integer levels ``k`` in {0..L-1} from uint8 images or from floats ``k/((L-1)/2) - 1`` in [-1, 1]."""
+    if not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"levels must be an integer >= 2; got {levels!r}")
+    half = (levels - 1) / 2.0
     if images.dtype == torch.uint8:
-        return images.to(torch.int64)
+        k = images.to(torch.int64)
+        if levels < 256 and bool((k > levels - 1).any()):
+            raise ValueError(f"uint8 images hold values above levels - 1 = {levels - 1}")
+        return k
     if not images.is_floating_point():
-        raise ValueError(f"images must be uint8 in {{0..255}} or floats k/127.5 - 1 in [-1, 1]; got dtype {images.dtype}")
-    k = (images.double() + 1.0) * 127.5
-    levels = torch.round(k)
-    if bool(((k - levels).abs() > 1e-3).any()) or bool((levels < 0).any()) or bool((levels > 255).any()):
+        raise ValueError(f"images must be uint8 in {{0..{levels - 1}}} or floats k/{half:g} - 1 in [-1, 1]; got dtype {images.dtype}")
+    k = (images.double() + 1.0) * half
+    rounded = torch.round(k)
+    if bool(((k - rounded).abs() > 1e-3).any()) or bool((rounded < 0).any()) or bool((rounded > levels - 1).any()):
         raise ValueError(
-            "float images must be 8-bit levels scaled as k/127.5 - 1 (k in 0..255, so values in [-1, 1]); "
-            "got values off that grid"
+            f"float images must be {levels}-level data scaled as k/{half:g} - 1 (k in 0..{levels - 1}, so values in "
+            "[-1, 1]); got values off that grid (pass levels= for data with another number of levels)"
         )
-    return levels.to(torch.int64)
+    return rounded.to(torch.int64)
 
 
 def dequantize(
-    images: torch.Tensor, generator: GeneratorLike = None, dtype: torch.dtype = torch.float32
+    images: torch.Tensor, generator: GeneratorLike = None, dtype: torch.dtype = torch.float32, levels: int = 256
 ) -> torch.Tensor:
-    """Uniform dequantisation to [-1, 1): ``x = 2 (k + u) / 256 - 1 = (k + u) / 128 - 1``, ``u ~ U[0, 1)^D``.
+    """Uniform dequantisation to [-1, 1): ``x = 2 (k + u) / L - 1``, ``u ~ U[0, 1)^D`` (L = ``levels``;
+    for 8-bit data ``(k + u) / 128 - 1``).
 
-    ``images`` are uint8 levels ``k`` in {0..255}, or floats already scaled as ``k/127.5 - 1``
+    ``images`` are uint8 levels ``k`` in {0..L-1}, or floats already scaled as ``k/((L-1)/2) - 1``
     (the dataset convention); ``u`` is ONE ``torch.rand(images.shape, generator=...)`` draw.
     """
-    k = _pixel_levels(images)
+    k = _pixel_levels(images, levels)
     gen = _make_generator(generator, images.device)
     u = torch.rand(images.shape, generator=gen, device=images.device, dtype=torch.float64)
-    return ((k.to(torch.float64) + u) / 128.0 - 1.0).to(dtype)
+    return ((k.to(torch.float64) + u) * (2.0 / levels) - 1.0).to(dtype)
 
 
 @torch.no_grad()
@@ -635,9 +642,10 @@ def bits_per_dim(
     *,
     generator: GeneratorLike = None,
     dtype: torch.dtype = torch.float32,
+    levels: int = 256,
     **kwargs: Any,
 ) -> BPDResult:
-    """Bits per dimension of 8-bit images, an upper bound on the discrete model's bpd.
+    """Bits per dimension of 8-bit images (or ``levels``-level data), an upper bound on the discrete model's bpd.
 
     ``images``: uint8 levels ``k`` in {0..255} or floats ``k/127.5 - 1`` in [-1, 1], shape ``(B, ...)``.
 
@@ -649,6 +657,9 @@ def bits_per_dim(
         bpd = -log2 P(k) / D <= E_u[ -log p(x) ] / (D ln 2) + log2 128
             = -log p(x) / (D ln 2) + 7,
 
+    and for data with ``L = levels`` levels (``v in [0, L)``, ``x = 2 v / L - 1``) the constant is
+    ``log2(L / 2)``: 7 for 8-bit images, ``log2 8.5 = 3.09`` for the 17-level ``digits``.
+
     estimated with one draw of ``u`` per image (:func:`dequantize`, drawn first from
     ``generator``; the Hutchinson probes come next from the same generator). No other offset.
 
@@ -658,10 +669,10 @@ def bits_per_dim(
     if not isinstance(images, torch.Tensor) or images.ndim < 2:
         raise ValueError("images must be a tensor of shape (B, ...) with at least two dims")
     gen = _make_generator(generator, images.device)
-    x = dequantize(images, gen, dtype)
+    x = dequantize(images, gen, dtype, levels)
     res = log_likelihood(model, sde, x, generator=gen, **kwargs)
     d = x[0].numel()
-    bpd = -res.logp / (d * math.log(2.0)) + math.log2(128.0)
+    bpd = -res.logp / (d * math.log(2.0)) + math.log2(levels / 2.0)
     b = bpd.shape[0]
     mean = float(bpd.mean())
     stderr = float(bpd.std() / math.sqrt(b)) if b > 1 else float("nan")

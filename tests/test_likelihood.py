@@ -237,6 +237,29 @@ def test_bits_per_dim_against_exact_discrete_probability():
     assert abs(res.mean - float(bpd_discrete.mean())) < 2e-3
 
 
+def test_bits_per_dim_with_17_levels_against_exact_discrete_probability():
+    """The 17-level digits convention: bins [k, k+1) of v mapped to x = 2 v / 17 - 1, constant
+    log2(17/2). The discrete probability is exact from the normal CDF. The dequantised bound exceeds
+    it by the Jensen gap w^2/(24 s^2) = 2.3e-3 nats/dim (w = 2/17, s = 0.5), i.e. 3.3e-3 bits, plus
+    the one-draw noise of u: per dim ~ |d log p/dx| w / sqrt(12) ~ 0.07 nats, so ~3e-3 bits for the
+    mean over 64 images of 16 pixels. 0.015 bits is 5 of those; a wrong constant (log2 8 instead of
+    log2 8.5: 0.087 bits) fails."""
+    sde = VPSDE()
+    m, s, levels = 0.1, 0.5, 17
+    mix = _pixel_gaussian(mean=m, std=s)
+    k = torch.clamp(torch.floor((mix.sample(64, generator=_gen(14)) + 1) * levels / 2), 0, levels - 1)
+    stored = k / 8.0 - 1.0  # the dataset's convention for 17 levels: k / ((L - 1) / 2) - 1
+    res = bits_per_dim(mix.eps_model(sde), sde, stored, generator=5, trace="exact", dtype=F64, levels=levels)
+    normal = torch.distributions.Normal(torch.tensor(m, dtype=F64), torch.tensor(s, dtype=F64))
+    lo = 2 * k.double() / levels - 1
+    logp_k = torch.log(normal.cdf(lo + 2 / levels) - normal.cdf(lo)).reshape(64, -1).sum(1)
+    bpd_discrete = float((-logp_k / (16 * math.log(2))).mean())
+    gap_bits = (2 / levels) ** 2 / (24 * s**2) / math.log(2)
+    assert abs(res.mean - bpd_discrete - gap_bits) < 0.015
+    with pytest.raises(ValueError, match="levels"):
+        bits_per_dim(mix.eps_model(sde), sde, stored, levels=1)
+
+
 def test_bits_per_dim_rejects_off_grid_floats():
     sde = VPSDE()
     mix = _pixel_gaussian()
