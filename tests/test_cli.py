@@ -23,13 +23,6 @@ from cli.app import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks gain nothing from threads; one avoids oversubscribing a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 TINY = ["--model", "tiny", "--batch-size", "8", "--warmup", "0", "--num-samples", "4", "--sample-steps", "2",
         "--log-every", "2", "--device", "cpu", "--quiet"]

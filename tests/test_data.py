@@ -13,12 +13,6 @@ from scoresde.data import DATASETS, digits_split_indices, load_dataset, random_f
 TOYS = ["gmm", "moons", "swissroll", "checkerboard"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_registry_names():

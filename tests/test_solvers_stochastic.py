@@ -25,13 +25,6 @@ from solvers.base import SamplingError, time_grid
 Z = 5.0  # MC tolerance in standard errors: two-sided false-alarm rate ~6e-7 per check
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core machine: torch's second thread only spins (15x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -156,7 +156,6 @@ def test_toy_mixture_trains_and_samples_match_the_data(tmp_path):
     from scoresde.checkpoint import load_model
     from scoresde.data import Dataset
 
-    torch.set_num_threads(1)
     ang = torch.arange(4, dtype=torch.float64) * (math.pi / 2)
     mix = GaussianMixture(2.0 * torch.stack([ang.cos(), ang.sin()], 1), torch.tensor([0.3, 0.4, 0.5, 0.6]),
                           torch.tensor([0.1, 0.2, 0.3, 0.4]))
