@@ -110,11 +110,11 @@ class SDE(ABC):
         ``std_t^2 (1 - exp(lambda_t - lambda_s))`` to avoid cancellation. Returns ``(ratio, std)``.
         """
         s, t = self._t(s), self._t(t)
-        ratio = torch.exp(self._log_alpha(t) - self._log_alpha(s))
-        lam_s = 2.0 * (self._log_alpha(s) - torch.log(self._std(s)))
-        lam_t = 2.0 * (self._log_alpha(t) - torch.log(self._std(t)))
-        std = self._std(t) * torch.sqrt(-torch.expm1((lam_t - lam_s).clamp(max=0.0)))
-        return ratio, std
+        la_s, la_t, std_s, std_t = self._log_alpha(s), self._log_alpha(t), self._std(s), self._std(t)
+        ratio = torch.exp(la_t - la_s)
+        # lambda_t - lambda_s, each lambda = 2 (log alpha - log std)
+        dlam = 2.0 * ((la_t - la_s) - (torch.log(std_t) - torch.log(std_s)))
+        return ratio, std_t * torch.sqrt(-torch.expm1(dlam.clamp(max=0.0)))
 
     def sde(self, x: torch.Tensor, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor]:
         """Forward SDE coefficients: ``(drift f(t) x of shape (B, ...), diffusion g(t) of shape (B,))``."""
