@@ -3,51 +3,133 @@
 A stochastic sampler draws fresh noise at every step. With one ``torch.Generator`` per batch, sample i
 depends on how many other samples shared its batch. :class:`SampleNoise` instead derives every
 number from ``(seed, sample id, stream, element index)`` with an integer hash, vectorised in torch
-(no Python loop over samples): sample 17 of seed 0 is the same in a batch of 1 or of 256, on CPU
-or CUDA. The hash is Wellons' "lowbias32" (two xor-shift-multiply rounds), chained over the counters;
-Box-Muller turns two 32-bit words into a normal deviate (tails to about 6.6 sigma).
+(no Python loop over samples).
+
+**Words.** The hash is Wellons' "lowbias32" ``H`` (two xor-shift-multiply rounds on 32-bit words),
+chained over the counters: ``key_i = H(H(seed) ^ H(id_i + c))``, ``base_{i,s} = H(key_i ^ H(s + c'))``
+and element ``k``'s word ``w = H(base_{i,s} ^ H(k))``. The per-element work runs on ``int32``
+tensors whose bits are the 32-bit words: ``*`` wraps modulo ``2^32`` (two's complement, which is what
+torch's CPU vector kernels and CUDA integer units do) and the logical shift is an arithmetic shift
+masked to the remaining bits. These words are bit-identical to a pure-Python reference
+(``_hash32_int``; checked in ``tests/test_noise.py``), so they are the same on every device and in
+every batch.
+
+**Normals.** Box-Muller on two words ``(w1, w2)`` per pair of normals:
+``u = (w1 mod 2^31 + 1) / 2^31`` in ``(0, 1]``, ``phi = 2 pi w2 / 2^32`` with ``w2`` read as a signed
+integer (``phi`` in ``[-pi, pi)``), ``r = sqrt(-2 log u)``, giving ``r cos phi`` and ``r sin phi``.
+The largest ``|z|`` is ``sqrt(62 log 2) = 6.55`` (``P(|z| > 6.55) = 6e-11``). The floating-point
+work is done in float64 for float64 output and in float32 otherwise (it is ~2x cheaper, and float32
+carries the result anyway). Elementwise float ops do not depend on where an element sits in a
+tensor, so sample i is **bit-identical in any batch on one device** (tested over many batch sizes,
+offsets and thread counts). Across devices (CPU vs CUDA) the words agree exactly but ``log``,
+``cos`` and ``sin`` come from different math libraries, so the normals agree to a few units in the
+last place of the working precision, not bit for bit.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
 _MASK32 = 0xFFFFFFFF
+_C1, _C2 = 0x7FEB352D, 0x846CA68B  # lowbias32 multipliers
+_ID_SALT, _STREAM_SALT = 0x9E3779B9, 0x6A09E667
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``(x * c) mod 2^32`` for 32-bit values held in int64, without int64 overflow."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+def _signed32(c: int) -> int:
+    """The int32 whose two's-complement bits are the 32-bit word ``c``."""
+    c &= _MASK32
+    return c - (1 << 32) if c >= 1 << 31 else c
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+def _hash32_int(x: int) -> int:
+    """lowbias32 on a Python int (the reference): ``x ^= x >> 16; x *= C1; x ^= x >> 15; x *= C2; x ^= x >> 16`` mod 2^32."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * _C1) & _MASK32
+    x ^= x >> 15
+    x = (x * _C2) & _MASK32
     return x ^ (x >> 16)
 
 
-def _uniform(words: torch.Tensor) -> torch.Tensor:
-    """32-bit words -> float64 uniforms in (0, 1]."""
-    return (words.to(torch.float64) + 1.0) / 4294967296.0
+def _i32(c: int) -> torch.Tensor:
+    return torch.tensor(_signed32(c), dtype=torch.int32)
+
+
+# 0-dim int32 operands: a Python int would be wrapped and converted on every call (~5 us each).
+_K = {name: _i32(v) for name, v in dict(c1=_C1, c2=_C2, m15=0x1FFFF, m16=0xFFFF, m31=0x7FFFFFFF, s15=15, s16=16).items()}
+
+
+def _hash32_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 in place on an ``int32`` tensor of 32-bit words (two's complement); returns ``x``.
+
+    ``(x >> k) & (2^(32-k) - 1)`` is the logical shift; ``x *= c`` wraps modulo ``2^32``.
+    """
+    if x.dtype != torch.int32:
+        raise TypeError(f"_hash32_ works on int32 words; got {x.dtype}")
+    k = _K
+    x.bitwise_xor_(torch.bitwise_right_shift(x, k["s16"]).bitwise_and_(k["m16"]))
+    x.mul_(k["c1"])
+    x.bitwise_xor_(torch.bitwise_right_shift(x, k["s15"]).bitwise_and_(k["m15"]))
+    x.mul_(k["c2"])
+    x.bitwise_xor_(torch.bitwise_right_shift(x, k["s16"]).bitwise_and_(k["m16"]))
+    return x
+
+
+def _words32(values: torch.Tensor) -> torch.Tensor:
+    """Integers (any int dtype) -> int32 tensor of their 32-bit words ``v mod 2^32``."""
+    v = values.to(torch.int64) & _MASK32
+    return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
+
+
+# Per-element counter words H(k), laid out as [H(0), H(2), ..., H(2h-2), H(1), H(3), ..., H(2h-1)]:
+# the first half feeds the radii, the second the phases. They depend on nothing but h and the device.
+_COUNTERS: Dict[Tuple[int, str], torch.Tensor] = {}
+_COUNTERS_MAX = 16
+
+
+def _counter_words(half: int, device: torch.device) -> torch.Tensor:
+    key = (half, str(device))
+    c = _COUNTERS.get(key)
+    if c is None:
+        k = torch.arange(half, dtype=torch.int32, device=device)
+        c = _hash32_(torch.cat([2 * k, 2 * k + 1]))[None, :]  # (1, 2h); 2h < 2^31 assumed
+        if len(_COUNTERS) >= _COUNTERS_MAX:
+            _COUNTERS.pop(next(iter(_COUNTERS)))
+        _COUNTERS[key] = c
+    return c
+
+
+def _box_muller(w: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """``(B, 2h)`` int32 words ``[w1 | w2]`` -> ``(B, 2h)`` normals ``[r cos phi | r sin phi]`` in ``work``.
+
+    ``u = (w1 mod 2^31 + 1) 2^-31`` in ``(0, 1]`` (float32 rounds it to at most 1, never above),
+    ``r = sqrt(-2 log u)`` (at most ``sqrt(62 log 2) = 6.55``), ``phi = 2 pi w2 2^-32`` with ``w2``
+    signed, in ``[-pi, pi]``. Overwrites ``w``'s first half.
+    """
+    half = w.shape[1] // 2
+    u = w[:, :half].bitwise_and_(_K["m31"]).to(work).add_(1.0).mul_(2.0**-31)
+    r = u.log_().mul_(-2.0).sqrt_()
+    phase = w[:, half:].to(work).mul_(2.0 * math.pi * 2.0**-32)
+    z = torch.empty((w.shape[0], 2 * half), dtype=work, device=w.device)
+    torch.mul(r, torch.cos(phase), out=z[:, :half])
+    torch.mul(r, phase.sin_(), out=z[:, half:])
+    return z
 
 
 class SampleNoise:
     """A source of standard normal noise keyed per sample.
 
     Args:
-        seed: the run's seed.
+        seed: the run's seed (any Python int; its low 64 bits are used).
         sample_ids: ``(B,)`` integer ids of the samples in the batch (default ``0..B-1``; pass
-            ``offset + arange(B)`` when drawing a large set in several batches).
+            ``offset + arange(B)`` when drawing a large set in several batches). Ids are taken
+            modulo ``2^32``.
 
     ``randn(shape, stream)`` returns ``(B, *shape)``; every distinct ``stream`` (a step counter,
-    say) gives independent noise. ``randn_like(x, stream)`` matches ``x``.
+    say, modulo ``2^32``) gives independent noise. ``randn_like(x, stream)`` matches ``x``.
     """
 
     def __init__(self, seed: int, sample_ids: Union[torch.Tensor, Sequence[int], int]):
@@ -57,9 +139,11 @@ class SampleNoise:
         self.sample_ids = torch.as_tensor(sample_ids, dtype=torch.int64)
         if self.sample_ids.ndim != 1:
             raise ValueError("sample_ids must be a 1-D tensor of integer ids")
-        # key_i = H(H(seed) ^ H(id_i)): mixes the seed's 64 bits and the id.
-        seed_word = _hash32(torch.tensor(self.seed & _MASK32) ^ _hash32(torch.tensor((self.seed >> 32) & _MASK32)))
-        self._keys = _hash32(seed_word ^ _hash32(self.sample_ids + 0x9E3779B9))
+        # key_i = H(H(seed_lo ^ H(seed_hi)) ^ H(id_i + salt)): mixes the seed's 64 bits and the id.
+        seed_word = _hash32_int((self.seed & _MASK32) ^ _hash32_int((self.seed >> 32) & _MASK32))
+        ids = _hash32_(_words32(self.sample_ids + _ID_SALT))
+        self._keys = _hash32_(ids.bitwise_xor_(_signed32(seed_word)))  # (B,) int32
+        self._keys_on: Dict[str, torch.Tensor] = {}
 
     @property
     def batch_size(self) -> int:
@@ -69,6 +153,20 @@ class SampleNoise:
         """Noise for a sub-batch, keeping each sample's identity."""
         return SampleNoise(self.seed, self.sample_ids[index])
 
+    def _keys_for(self, device: Optional[Union[torch.device, str]]) -> torch.Tensor:
+        name = str(torch.device(device)) if device is not None else "cpu"
+        keys = self._keys_on.get(name)
+        if keys is None:
+            keys = self._keys_on[name] = self._keys.to(device)
+        return keys
+
+    def words(self, n_pairs: int, stream: int = 0, *, device: Optional[Union[torch.device, str]] = None) -> torch.Tensor:
+        """The ``(B, 2 n_pairs)`` int32 words of one draw: ``w[i, k] = H(base_{i,stream} ^ H(c_k))``
+        with ``c = (0, 2, ..., 2 n - 2, 1, 3, ..., 2 n - 1)`` (radius words first, then phase words)."""
+        stream_word = _hash32_int((int(stream) & _MASK32) + _STREAM_SALT)
+        base = _hash32_(self._keys_for(device) ^ _i32(stream_word))[:, None]  # (B, 1)
+        return _hash32_(base ^ _counter_words(n_pairs, torch.device(device) if device is not None else torch.device("cpu")))
+
     def randn(
         self,
         shape: Sequence[int],
@@ -77,18 +175,17 @@ class SampleNoise:
         device: Optional[Union[torch.device, str]] = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Standard normal noise of shape ``(B, *shape)``; ``stream`` selects an independent draw."""
+        """Standard normal noise of shape ``(B, *shape)``; ``stream`` selects an independent draw.
+
+        Element ``j < h`` of a sample is ``r_j cos phi_j`` and element ``h + j`` is ``r_j sin phi_j``
+        (``h = ceil(n / 2)``, ``n = prod(shape)``; the last sine is dropped when ``n`` is odd).
+        """
         n = int(math.prod(shape))
-        half = (n + 1) // 2  # Box-Muller gives two normals (cos and sin) per pair of words
-        keys = self._keys.to(device)
-        stream_word = _hash32(torch.tensor(int(stream) & _MASK32, device=device) + 0x6A09E667)
-        base = _hash32(keys ^ stream_word)[:, None]  # (B, 1)
-        j = torch.arange(half, device=device, dtype=torch.int64)[None, :]  # (1, half)
-        w1 = _hash32(base ^ _hash32(2 * j))  # (B, half)
-        w2 = _hash32(base ^ _hash32(2 * j + 1))
-        r = torch.sqrt(-2.0 * torch.log(_uniform(w1)))
-        phase = (2 * math.pi) * _uniform(w2)
-        z = torch.cat([r * torch.cos(phase), r * torch.sin(phase)], dim=1)[:, :n]
+        half = (n + 1) // 2
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        z = _box_muller(self.words(half, stream, device=device), work)
+        if n != 2 * half:
+            z = z[:, :n]
         return z.reshape((self.batch_size, *shape)).to(dtype)
 
     def randn_like(self, x: torch.Tensor, stream: int = 0) -> torch.Tensor:
