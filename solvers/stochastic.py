@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -90,7 +90,8 @@ class _Grid:
     """The time grid and every per-step scalar a sampler needs, in float64 (computed once).
 
     Index ``i`` runs over grid times; step ``i`` goes from ``t[i]`` to ``t[i + 1]`` and uses the
-    forward kernel ``x_{t[i]} | x_{t[i+1]} ~ N(r[i] x, q[i]^2)``.
+    forward kernel ``x_{t[i]} | x_{t[i+1]} ~ N(r[i] x, q[i]^2)``. The same values are kept as Python
+    float lists (``tl``, ``alphal``, ...) so the step loop reads scalars without touching tensors.
     """
 
     def __init__(self, sde: SDE, steps: int, schedule: str, t_min: Optional[float]):
@@ -104,6 +105,8 @@ class _Grid:
                 "these samplers need std(t) > 0 and a strictly growing noise level between grid times "
                 "(transition std > 0); the SDE or the grid does not provide it"
             )
+        self.tl, self.alphal, self.stdl = self.t.tolist(), self.alpha.tolist(), self.std.tolist()
+        self.fl, self.gl, self.rl, self.ql = self.f.tolist(), self.g.tolist(), self.r.tolist(), self.q.tolist()
 
     def __len__(self) -> int:
         return len(self.t) - 1
@@ -119,57 +122,73 @@ def _finish(run: Run, grid: _Grid, x: Tensor, denoise_final: bool) -> Tensor:
     if not denoise_final:
         return x
     n = len(grid)
-    eps = run.eps(x, float(grid.t[n]))
-    x0 = (x - float(grid.std[n]) * eps) / float(grid.alpha[n])
+    eps = run.eps(x, grid.tl[n])
+    x0 = torch.add(x, eps, alpha=-grid.stdl[n]).div_(grid.alphal[n])
     run.report(n, 0.0, x0, x0)
     return x0
 
 
 # ---------------------------------------------------------------------------------------------
-# Predictors: one step from t[i] to t[i + 1]; each returns (new state, denoised estimate at t[i]).
+# Predictors: one step from t[i] to t[i + 1]. Each is linear in the state, the network output and
+# fresh noise, x_{i+1} = A_i x_i + B_i eps(x_i, t_i) + C_i z, so each is given by its per-step
+# coefficients (computed once, in float64, before the loop) and applied in three fused passes.
 # ---------------------------------------------------------------------------------------------
-def _predict_ancestral(run: Run, g: _Grid, x: Tensor, i: int, stream: int) -> Tuple[Tensor, Tensor]:
+Coeffs = List[Tuple[float, float, float]]
+
+
+def _coeffs_ancestral(g: _Grid) -> Coeffs:
     """Sample the posterior ``q(x_s | x_t, x0_hat)`` of the forward kernel (DDPM Algorithm 2).
 
     With ``x_s ~ N(a_s x0, s_s^2)`` and ``x_t | x_s ~ N(r x_s, q^2)``:
-    mean ``= (a_s q^2 x0 + r s_s^2 x_t) / s_t^2``, std ``= s_s q / s_t``.
+    mean ``= (a_s q^2 x0 + r s_s^2 x_t) / s_t^2``, std ``= s_s q / s_t``; with
+    ``x0 = (x_t - s_t eps) / a_t`` that is ``A = c0 / a_t + c1``, ``B = -c0 s_t / a_t``,
+    ``C = s_s q / s_t`` where ``c0 = a_s q^2 / s_t^2``, ``c1 = r s_s^2 / s_t^2``.
     """
-    a_t, s_t, a_s, s_s = (float(v) for v in (g.alpha[i], g.std[i], g.alpha[i + 1], g.std[i + 1]))
-    r, q = float(g.r[i]), float(g.q[i])
-    eps = run.eps(x, float(g.t[i]))
-    x0 = (x - s_t * eps) / a_t
-    mean = (a_s * q * q / (s_t * s_t)) * x0 + (r * s_s * s_s / (s_t * s_t)) * x
-    return mean + (s_s * q / s_t) * run.noise(x, stream), x0
+    out = []
+    for i in range(len(g)):
+        a_t, s_t, a_s, s_s, r, q = g.alphal[i], g.stdl[i], g.alphal[i + 1], g.stdl[i + 1], g.rl[i], g.ql[i]
+        c0, c1 = a_s * q * q / (s_t * s_t), r * s_s * s_s / (s_t * s_t)
+        out.append((c0 / a_t + c1, -c0 * s_t / a_t, s_s * q / s_t))
+    return out
 
 
-def _predict_euler_maruyama(run: Run, g: _Grid, x: Tensor, i: int, stream: int) -> Tuple[Tensor, Tensor]:
-    """``x_s = x_t - h [f x_t - g^2 score] + g sqrt(h) z`` with ``h = t - s`` (reverse SDE, eq. 6)."""
-    h = float(g.t[i] - g.t[i + 1])
-    a_t, s_t, f, gt = (float(v) for v in (g.alpha[i], g.std[i], g.f[i], g.g[i]))
-    eps = run.eps(x, float(g.t[i]))
-    # g^2 score = -g^2 eps / std
-    drift = f * x + (gt * gt / s_t) * eps
-    return x - h * drift + gt * math.sqrt(h) * run.noise(x, stream), (x - s_t * eps) / a_t
+def _coeffs_euler_maruyama(g: _Grid) -> Coeffs:
+    """``x_s = x_t - h [f x_t - g^2 score] + g sqrt(h) z`` with ``h = t - s`` (reverse SDE, eq. 6);
+    ``g^2 score = -g^2 eps / s_t``, so ``A = 1 - h f``, ``B = -h g^2 / s_t``, ``C = g sqrt(h)``."""
+    out = []
+    for i in range(len(g)):
+        h, f, gt, s_t = g.tl[i] - g.tl[i + 1], g.fl[i], g.gl[i], g.stdl[i]
+        out.append((1.0 - h * f, -h * gt * gt / s_t, gt * math.sqrt(h)))
+    return out
 
 
-def _predict_reverse_diffusion(run: Run, g: _Grid, x: Tensor, i: int, stream: int) -> Tuple[Tensor, Tensor]:
+def _coeffs_reverse_diffusion(g: _Grid) -> Coeffs:
     """Reverse diffusion (Song et al. 2021, eq. 46) on the exact discretisation of the forward SDE.
 
     Forward: ``x_t = x_s + f_i(x_s) + G_i z`` with ``f_i(x) = (r - 1) x``, ``G_i = q`` (from
     ``transition(s, t)``). Reverse: ``x_s = x_t - f_i(x_t) + G_i^2 score(x_t, t) + G_i z
-    = (2 - r) x_t + q^2 score + q z``. DDPM's ``r = sqrt(1 - beta)``, ``q^2 = beta`` and SMLD's
-    ``r = 1``, ``q^2 = sigma_t^2 - sigma_s^2`` are the two familiar cases.
+    = (2 - r) x_t + q^2 score + q z``, i.e. ``A = 2 - r``, ``B = -q^2 / s_t``, ``C = q``. DDPM's
+    ``r = sqrt(1 - beta)``, ``q^2 = beta`` and SMLD's ``r = 1``, ``q^2 = sigma_t^2 - sigma_s^2`` are
+    the two familiar cases.
     """
-    a_t, s_t, r, q = (float(v) for v in (g.alpha[i], g.std[i], g.r[i], g.q[i]))
-    eps = run.eps(x, float(g.t[i]))
-    return (2.0 - r) * x - (q * q / s_t) * eps + q * run.noise(x, stream), (x - s_t * eps) / a_t
+    return [(2.0 - g.rl[i], -g.ql[i] ** 2 / g.stdl[i], g.ql[i]) for i in range(len(g))]
 
 
-_PREDICT: Dict[str, Callable[..., Tuple[Tensor, Tensor]]] = {
-    "ancestral": _predict_ancestral,
-    "euler_maruyama": _predict_euler_maruyama,
-    "reverse_diffusion": _predict_reverse_diffusion,
+_COEFFS: Dict[str, Callable[[_Grid], Coeffs]] = {
+    "ancestral": _coeffs_ancestral,
+    "euler_maruyama": _coeffs_euler_maruyama,
+    "reverse_diffusion": _coeffs_reverse_diffusion,
 }
+
+
+def _predict(run: Run, g: _Grid, x: Tensor, i: int, abc: Tuple[float, float, float], stream: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """``x_{i+1} = A x + B eps + C z`` (new tensor; ``x`` and the model's output are not modified) and,
+    only when a callback will read it, the denoised estimate ``(x - s_t eps) / a_t`` at ``t[i]``."""
+    a, b, c = abc
+    eps = run.eps(x, g.tl[i])
+    x_new = run.noise(x, stream).mul_(c).add_(x, alpha=a).add_(eps, alpha=b)
+    x0 = torch.add(x, eps, alpha=-g.stdl[i]).div_(g.alphal[i]) if run.callback is not None else None
+    return x_new, x0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,27 +196,28 @@ _PREDICT: Dict[str, Callable[..., Tuple[Tensor, Tensor]]] = {
 # ---------------------------------------------------------------------------------------------
 def _correct(
     run: Run, g: _Grid, x: Tensor, i: int, kind: str, snr: float, stream: int
-) -> Tuple[Tensor, Tensor]:
+) -> Tuple[Tensor, Optional[Tensor]]:
     """One Langevin step ``x <- x + e score + sqrt(2 e) z`` at ``s = t[i + 1]``; ``alpha_i = r_i^2``.
 
     ``langevin`` (Song et al. 2021, Algorithms 2/3): ``e = 2 alpha_i (snr ||z|| / ||score||)^2``
     with per-sample norms over all non-batch dims. ``ald`` (annealed Langevin dynamics, Song &
     Ermon 2019, in score_sde's form): ``e = 2 alpha_i (snr std_s)^2``, i.e. the same rule with
     ``||z|| / ||score||`` replaced by its typical value ``std_s`` (``||score|| ~ sqrt(D) / std``).
+    With ``score = -eps / std_s`` the step is ``x + sqrt(2 e) z - (e / std_s) eps``.
     """
     s_idx = i + 1
-    a_s, s_s, alpha_i = float(g.alpha[s_idx]), float(g.std[s_idx]), float(g.r[i]) ** 2
-    eps = run.eps(x, float(g.t[s_idx]))
-    score = -eps / s_s
+    a_s, s_s, alpha_i = g.alphal[s_idx], g.stdl[s_idx], g.rl[i] ** 2
+    eps = run.eps(x, g.tl[s_idx])
     z = run.noise(x, stream)
     if kind == "langevin":
-        ratio = _norm(z) / _norm(score).clamp_min(torch.finfo(x.dtype).tiny)
-        e = append_dims(2.0 * alpha_i * (snr * ratio) ** 2, x.ndim)
-        x_new = x + e * score + torch.sqrt(2.0 * e) * z
+        score_norm = (_norm(eps) / s_s).clamp_min(torch.finfo(x.dtype).tiny)
+        e = 2.0 * alpha_i * (snr * _norm(z) / score_norm) ** 2  # (B,)
+        x_new = z.mul_(append_dims(torch.sqrt(2.0 * e), x.ndim)).add_(x).addcmul_(eps, append_dims(-e / s_s, x.ndim))
     else:  # ald
         e = 2.0 * alpha_i * (snr * s_s) ** 2
-        x_new = x + e * score + math.sqrt(2.0 * e) * z
-    return x_new, (x - s_s * eps) / a_s
+        x_new = z.mul_(math.sqrt(2.0 * e)).add_(x).add_(eps, alpha=-e / s_s)
+    x0 = torch.add(x, eps, alpha=-s_s).div_(a_s) if run.callback is not None else None
+    return x_new, x0
 
 
 def _pc_loop(
@@ -230,14 +250,15 @@ def _pc_loop(
     run = Run(model, sde, x_T, generator, callback, progress, model_kwargs or {})
     grid = _Grid(sde, steps, opts["schedule"], opts["t_min"])
     per_step = 1 + n_corr  # noise streams used per step
+    coeffs = _COEFFS[predictor](grid) if predictor != "none" else None
     x = x_T
     for i in run.steps(len(grid), desc=name):
         x0 = None
-        if predictor != "none":
-            x, x0 = _PREDICT[predictor](run, grid, x, i, i * per_step)
+        if coeffs is not None:
+            x, x0 = _predict(run, grid, x, i, coeffs[i], i * per_step)
         for j in range(n_corr):
             x, x0 = _correct(run, grid, x, i, corrector, snr, i * per_step + 1 + j)
-        run.report(i, float(grid.t[i + 1]), x, x0)
+        run.report(i, grid.tl[i + 1], x, x0)
     return _finish(run, grid, x, opts["denoise_final"])
 
 

@@ -401,3 +401,53 @@ def test_model_kwargs_reach_every_evaluation(sampler):
     y = torch.tensor([1, 0, 1])
     res = solvers.sample(model, sde, (3, 2), sampler=sampler, steps=4, generator=0, model_kwargs={"y": y})
     assert len(seen) == res.nfe and all(kw.keys() == {"y"} and kw["y"] is y for kw in seen)
+
+
+def test_finite_guard_is_exact_when_the_cheap_sum_overflows():
+    """``all_finite`` reads one sum; a finite state whose sum overflows (float16 above 65504, float32
+    above 3.4e38) must still pass, and any NaN or +-Inf (even Inf and -Inf together, whose sum is NaN)
+    must fail."""
+    from solvers.base import Run, all_finite
+
+    for x in (torch.full((8, 100), 60000.0, dtype=torch.float16), torch.full((4, 3), 3e38, dtype=torch.float32)):
+        assert not math.isfinite(float(x.sum())) and all_finite(x)
+        Run(lambda x, t: x, SDES["vp"](), x.float() if x.dtype == torch.float16 else x).report(0, 0.5, x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float16, torch.float32, torch.float64):
+            x = torch.zeros(5, 7, dtype=dtype)
+            x[3, 2] = bad
+            assert not all_finite(x)
+    x = torch.zeros(5, 7)
+    x[0, 0], x[4, 6] = float("inf"), -float("inf")
+    assert not all_finite(x)
+    with pytest.raises(SamplingError, match=r"step 3 \(t = 0\.25\)"):
+        Run(lambda x, t: x, SDES["vp"](), torch.zeros(5, 7)).report(3, 0.25, x)
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "euler_maruyama", "reverse_diffusion", "pc", "langevin"])
+def test_reported_denoised_is_tweedie_of_the_last_call_and_inputs_are_untouched(sampler):
+    """The loop updates with fused in-place ops on fresh noise; the reported ``denoised`` (computed only
+    when a callback is given) is ``(x - std eps) / alpha`` of the step's last network call, and neither
+    ``x_T`` nor a tensor the model hands back is ever modified."""
+    sde = SDES["vp"]()
+    inner = GaussianMixture.ring().eps_model(sde)
+    calls, returned = [], []
+
+    def model(x, t, **kw):
+        eps = inner(x, t)
+        calls.append((x.clone(), t.clone(), eps.clone()))
+        returned.append(eps)
+        return eps
+
+    reports = []
+    x_T = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x_T0 = x_T.clone()
+    solvers.SAMPLERS[sampler](model, sde, x_T, steps=6, generator=1, denoise_final=False,
+                              callback=lambda d: reports.append((len(calls), d["denoised"].clone())))
+    assert torch.equal(x_T, x_T0)
+    assert all(torch.equal(r, c[2]) for r, c in zip(returned, calls))
+    assert len(reports) == 6
+    for n_calls, den in reports:
+        x, t, eps = calls[n_calls - 1]
+        want = (x - sde.std(t)[:, None] * eps) / sde.alpha(t)[:, None]
+        torch.testing.assert_close(den, want, rtol=1e-12, atol=1e-12)
