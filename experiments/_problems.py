@@ -63,6 +63,29 @@ PROBLEMS: Dict[str, Callable[[], GaussianMixture]] = {
     "rand16_s2": lambda: GaussianMixture.random(16, seed=2),
 }
 
+
+def _grid25() -> GaussianMixture:
+    """25 components on a 5 x 5 square grid of spacing 2 (centred), random widths 0.08 .. 0.33 and weights."""
+    g = torch.Generator().manual_seed(11)
+    xs = torch.arange(5, dtype=torch.float64) * 2.0 - 4.0
+    means = torch.stack(torch.meshgrid(xs, xs, indexing="ij"), -1).reshape(-1, 2)
+    stds = 0.08 + 0.25 * torch.rand(25, generator=g, dtype=torch.float64)
+    w = torch.rand(25, generator=g, dtype=torch.float64) + 0.1
+    return GaussianMixture(means, stds, w / w.sum())
+
+
+#: Held-out mixtures (not used to choose any default): another geometry, more components, higher
+#: dimension, to check that a sampler's advantage is not tuned to ``PROBLEMS``.
+EXTRA_PROBLEMS: Dict[str, Callable[[], GaussianMixture]] = {
+    "ring16": lambda: GaussianMixture.ring(k=16, radius=5.0, std=0.2, unequal=True),  # widths 0.1 .. 0.3, neighbours 1.95 apart
+    "grid25": _grid25,
+    "rand32": lambda: GaussianMixture.random(32, k=12, seed=3, scale=1.5, std_range=(0.1, 0.5)),
+    "rand64": lambda: GaussianMixture.random(64, k=16, seed=4, scale=0.8, std_range=(0.15, 0.5)),
+}
+
+#: every problem by name (``PROBLEMS`` first).
+ALL_PROBLEMS: Dict[str, Callable[[], GaussianMixture]] = {**PROBLEMS, **EXTRA_PROBLEMS}
+
 #: a small subset for --quick smoke runs
 QUICK_PROBLEMS = ("ring8", "rand16_s0")
 

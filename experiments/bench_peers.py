@@ -106,7 +106,7 @@ class References:
 # ---------------------------------------------------------------------------------------------
 # Ours
 # ---------------------------------------------------------------------------------------------
-def run_ours(mixture, z, refs: References, nfe: int) -> List[dict]:
+def run_ours(mixture, z, refs: References, nfe: int, variants: bool = True) -> List[dict]:
     import solvers
     from solvers.base import CountingModel
 
@@ -119,7 +119,7 @@ def run_ours(mixture, z, refs: References, nfe: int) -> List[dict]:
             continue
         knobs_all = solvers.SAMPLER_KNOBS.get(name, {})
         configs = [{}] + [
-            v for v in OUR_VARIANTS.get(name, [])
+            v for v in (OUR_VARIANTS.get(name, []) if variants else [])
             if set(v) <= set(knobs_all) and any(knobs_all[k] != x for k, x in v.items())  # not the default again
             and _accepts(name, v)
         ]
@@ -298,7 +298,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--quick", action="store_true", help="two problems, 400 samples (smoke run)")
     ap.add_argument("--n", type=int, default=2000, help="samples per problem")
     ap.add_argument("--nfe", type=int, nargs="+", default=[10, 20])
-    ap.add_argument("--problems", nargs="+", default=None)
+    ap.add_argument("--problems", nargs="+", default=None, help=f"any of {list(P.ALL_PROBLEMS)} (default: the first six)")
+    ap.add_argument("--no-variants", action="store_true", help="ours at defaults only (skip the knob grid)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(RESULTS, "peers.csv"))
     ap.add_argument("--markdown", metavar="CSV", help="only print the side-by-side markdown table of a results CSV")
@@ -312,11 +313,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     rows: List[dict] = []
     t_start = time.time()
     for pname in names:
-        mixture = P.PROBLEMS[pname]()
+        mixture = P.ALL_PROBLEMS[pname]()
         z = P.starting_noise(mixture.dim, n, args.seed)
         refs = References(mixture, z, check=not args.quick)
         for nfe in args.nfe:
-            got = run_ours(mixture, z, refs, nfe) + run_kdiffusion(mixture, z, refs, nfe) + run_diffusers(mixture, z, refs, nfe)
+            got = run_ours(mixture, z, refs, nfe, not args.no_variants) + run_kdiffusion(mixture, z, refs, nfe) + run_diffusers(mixture, z, refs, nfe)
             for r in got:
                 r.update(problem=pname, dim=mixture.dim, target_nfe=nfe, n=n, err_norm=r["err"] * math.sqrt(mixture.dim))
             rows += got
