@@ -58,6 +58,16 @@ class SampleResult:
     times: Optional[torch.Tensor] = None
 
 
+def _model_device(model: Any) -> torch.device:
+    """The device of a module's first parameter (or buffer); the CPU for plain callables."""
+    for attr in ("parameters", "buffers"):
+        tensors = getattr(model, attr, None)
+        if callable(tensors):
+            for p in tensors():
+                return p.device
+    return torch.device("cpu")
+
+
 def sample(
     model: Callable[..., torch.Tensor],
     sde: SDE,
@@ -72,12 +82,15 @@ def sample(
     keep_trajectory: bool = False,
     device: Optional[torch.device | str] = None,
     dtype: Optional[torch.dtype] = None,
+    enable_grad: bool = False,
     **knobs: Any,
 ) -> SampleResult:
     """Draw samples with any sampler in :data:`SAMPLERS`.
 
     Give either ``shape`` ``(B, ...)`` (then ``x_T`` is drawn from the prior with per-sample noise,
-    stream 0 of ``generator``) or ``x_T``. ``knobs`` go to the sampler (``model_kwargs`` among them).
+    stream 0 of ``generator``, on ``device``: by default the device of the model's first parameter
+    or buffer, else the CPU) or ``x_T``. ``knobs`` go to the sampler (``model_kwargs`` among them).
+    Runs under ``torch.no_grad()`` (no autograd graph through the steps) unless ``enable_grad``.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -89,6 +102,7 @@ def sample(
             raise ValueError(f"shape must be (B, ...) with positive sizes; got {shape}")
         noise = as_sample_noise(generator, shape[0])
         dtype = dtype or torch.get_default_dtype()
+        device = _model_device(model) if device is None else device
         x_T = sde.prior_std * noise.randn(shape[1:], 0, device=device, dtype=dtype)
         generator = noise
     steps = DEFAULT_STEPS.get(sampler, 100) if steps is None else steps
@@ -107,7 +121,9 @@ def sample(
             callback(info)
 
     hook = keep if (keep_trajectory or callback is not None) else None
-    x = SAMPLERS[sampler](counted, sde, x_T, steps=steps, generator=generator, callback=hook, progress=progress, **knobs)
+    with torch.set_grad_enabled(enable_grad):
+        x = SAMPLERS[sampler](counted, sde, x_T, steps=steps, generator=generator, callback=hook, progress=progress,
+                              **knobs)
     result = SampleResult(x=x, nfe=counted.nfe)
     if keep_trajectory and xs:
         result.trajectory = torch.stack(xs)

@@ -75,7 +75,8 @@ def test_digits_split_fixed_disjoint_scaled_and_labelled():
 def _write_idx(path, array, gz):
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     data = header + array.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)
+    with (gzip.open if gz else open)(path, "wb") as f:  # closed, so the gzip trailer is written
+        f.write(data)
 
 
 @pytest.mark.parametrize("gz", [False, True])
