@@ -15,9 +15,9 @@ masked to the remaining bits. These words are bit-identical to a pure-Python ref
 every batch.
 
 **Normals.** Box-Muller on two words ``(w1, w2)`` per pair of normals:
-``u = (w1 mod 2^31 + 1) / 2^31`` in ``(0, 1]``, ``phi = 2 pi w2 / 2^32`` with ``w2`` read as a signed
+``u = (w1 mod 2^31 + 1/2) / 2^31`` in ``(0, 1]``, ``phi = 2 pi w2 / 2^32`` with ``w2`` read as a signed
 integer (``phi`` in ``[-pi, pi)``), ``r = sqrt(-2 log u)``, giving ``r cos phi`` and ``r sin phi``.
-The largest ``|z|`` is ``sqrt(62 log 2) = 6.55`` (``P(|z| > 6.55) = 6e-11``). The floating-point
+The largest ``|z|`` is ``sqrt(64 log 2) = 6.66`` (``P(|z| > 6.66) = 3e-11``). The floating-point
 work is done in float64 for float64 output and in float32 otherwise (it is ~2x cheaper, and float32
 carries the result anyway). Elementwise float ops do not depend on where an element sits in a
 tensor, so sample i is **bit-identical in any batch on one device** (tested over many batch sizes,
@@ -62,19 +62,21 @@ def _i32(c: int) -> torch.Tensor:
 _K = {name: _i32(v) for name, v in dict(c1=_C1, c2=_C2, m15=0x1FFFF, m16=0xFFFF, m31=0x7FFFFFFF, s15=15, s16=16).items()}
 
 
-def _hash32_(x: torch.Tensor) -> torch.Tensor:
+def _hash32_(x: torch.Tensor, tmp: Optional[torch.Tensor] = None) -> torch.Tensor:
     """lowbias32 in place on an ``int32`` tensor of 32-bit words (two's complement); returns ``x``.
 
-    ``(x >> k) & (2^(32-k) - 1)`` is the logical shift; ``x *= c`` wraps modulo ``2^32``.
+    ``(x >> k) & (2^(32-k) - 1)`` is the logical shift; ``x *= c`` wraps modulo ``2^32``. ``tmp``
+    (same shape and dtype) is scratch space, allocated when not given.
     """
     if x.dtype != torch.int32:
         raise TypeError(f"_hash32_ works on int32 words; got {x.dtype}")
     k = _K
-    x.bitwise_xor_(torch.bitwise_right_shift(x, k["s16"]).bitwise_and_(k["m16"]))
+    tmp = torch.empty_like(x) if tmp is None else tmp
+    x.bitwise_xor_(torch.bitwise_right_shift(x, k["s16"], out=tmp).bitwise_and_(k["m16"]))
     x.mul_(k["c1"])
-    x.bitwise_xor_(torch.bitwise_right_shift(x, k["s15"]).bitwise_and_(k["m15"]))
+    x.bitwise_xor_(torch.bitwise_right_shift(x, k["s15"], out=tmp).bitwise_and_(k["m15"]))
     x.mul_(k["c2"])
-    x.bitwise_xor_(torch.bitwise_right_shift(x, k["s16"]).bitwise_and_(k["m16"]))
+    x.bitwise_xor_(torch.bitwise_right_shift(x, k["s16"], out=tmp).bitwise_and_(k["m16"]))
     return x
 
 
@@ -86,12 +88,13 @@ def _words32(values: torch.Tensor) -> torch.Tensor:
 
 # Per-element counter words H(k), laid out as [H(0), H(2), ..., H(2h-2), H(1), H(3), ..., H(2h-1)]:
 # the first half feeds the radii, the second the phases. They depend on nothing but h and the device.
-_COUNTERS: Dict[Tuple[int, str], torch.Tensor] = {}
+_COUNTERS: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+_CPU = torch.device("cpu")
 _COUNTERS_MAX = 16
 
 
 def _counter_words(half: int, device: torch.device) -> torch.Tensor:
-    key = (half, str(device))
+    key = (half, device)
     c = _COUNTERS.get(key)
     if c is None:
         k = torch.arange(half, dtype=torch.int32, device=device)
@@ -102,20 +105,36 @@ def _counter_words(half: int, device: torch.device) -> torch.Tensor:
     return c
 
 
+_F: Dict[Tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _fconst(name: str, value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim float constant of ``dtype``: an int32 tensor combined with it promotes to ``dtype``
+    inside the kernel (conversion and affine map in one pass)."""
+    c = _F.get((name, dtype))
+    if c is None:
+        c = _F[(name, dtype)] = torch.tensor(value, dtype=dtype)
+    return c
+
+
 def _box_muller(w: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     """``(B, 2h)`` int32 words ``[w1 | w2]`` -> ``(B, 2h)`` normals ``[r cos phi | r sin phi]`` in ``work``.
 
-    ``u = (w1 mod 2^31 + 1) 2^-31`` in ``(0, 1]`` (float32 rounds it to at most 1, never above),
-    ``r = sqrt(-2 log u)`` (at most ``sqrt(62 log 2) = 6.55``), ``phi = 2 pi w2 2^-32`` with ``w2``
+    ``u = (w1 mod 2^31 + 1/2) 2^-31`` in ``(0, 1]`` (float32 rounds it to at most 1, never above),
+    ``r = sqrt(-2 log u)`` (at most ``sqrt(64 log 2) = 6.66``), ``phi = 2 pi w2 2^-32`` with ``w2``
     signed, in ``[-pi, pi]``. Overwrites ``w``'s first half.
     """
     half = w.shape[1] // 2
-    u = w[:, :half].bitwise_and_(_K["m31"]).to(work).add_(1.0).mul_(2.0**-31)
-    r = u.log_().mul_(-2.0).sqrt_()
-    phase = w[:, half:].to(work).mul_(2.0 * math.pi * 2.0**-32)
+    # Few, reused buffers: the network between two draws evicts the caches, so every fresh buffer
+    # is a cold one. u and phi are written straight into the output's two halves.
     z = torch.empty((w.shape[0], 2 * half), dtype=work, device=w.device)
-    torch.mul(r, torch.cos(phase), out=z[:, :half])
-    torch.mul(r, phase.sin_(), out=z[:, half:])
+    r, s = z[:, :half], z[:, half:]
+    torch.add(_fconst("half_ulp", 2.0**-32, work), w[:, :half].bitwise_and_(_K["m31"]), alpha=2.0**-31, out=r)
+    r.log_().mul_(-2.0).sqrt_()
+    torch.mul(w[:, half:], _fconst("phase", 2.0 * math.pi * 2.0**-32, work), out=s)  # phi
+    cos = torch.cos(s)
+    s.sin_().mul_(r)
+    r.mul_(cos)
     return z
 
 
@@ -143,7 +162,9 @@ class SampleNoise:
         seed_word = _hash32_int((self.seed & _MASK32) ^ _hash32_int((self.seed >> 32) & _MASK32))
         ids = _hash32_(_words32(self.sample_ids + _ID_SALT))
         self._keys = _hash32_(ids.bitwise_xor_(_signed32(seed_word)))  # (B,) int32
-        self._keys_on: Dict[str, torch.Tensor] = {}
+        self._bases_cache: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+        # streams whose per-sample bases are hashed in one go (fewer tiny kernels per draw)
+        self._block = max(1, min(64, (1 << 20) // max(1, self.batch_size)))
 
     @property
     def batch_size(self) -> int:
@@ -153,19 +174,61 @@ class SampleNoise:
         """Noise for a sub-batch, keeping each sample's identity."""
         return SampleNoise(self.seed, self.sample_ids[index])
 
-    def _keys_for(self, device: Optional[Union[torch.device, str]]) -> torch.Tensor:
-        name = str(torch.device(device)) if device is not None else "cpu"
-        keys = self._keys_on.get(name)
-        if keys is None:
-            keys = self._keys_on[name] = self._keys.to(device)
-        return keys
+    def _base_block(self, blk: int, device: torch.device) -> torch.Tensor:
+        """``(block, B)`` int32 ``base_{i,s} = H(key_i ^ H(s + c'))`` for the streams
+        ``s = blk * block + j``, hashed in one go and kept (the samplers walk streams in order)."""
+        bases = self._bases_cache.get((blk, device))
+        if bases is None:
+            first = blk * self._block
+            words = [_signed32(_hash32_int(first + j + _STREAM_SALT)) for j in range(self._block)]
+            sw = torch.tensor(words, dtype=torch.int32, device=device)[:, None]
+            bases = _hash32_(self._keys.to(device)[None, :] ^ sw)
+            if len(self._bases_cache) >= 4:
+                self._bases_cache.pop(next(iter(self._bases_cache)))
+            self._bases_cache[(blk, device)] = bases
+        return bases
 
-    def words(self, n_pairs: int, stream: int = 0, *, device: Optional[Union[torch.device, str]] = None) -> torch.Tensor:
-        """The ``(B, 2 n_pairs)`` int32 words of one draw: ``w[i, k] = H(base_{i,stream} ^ H(c_k))``
-        with ``c = (0, 2, ..., 2 n - 2, 1, 3, ..., 2 n - 1)`` (radius words first, then phase words)."""
-        stream_word = _hash32_int((int(stream) & _MASK32) + _STREAM_SALT)
-        base = _hash32_(self._keys_for(device) ^ _i32(stream_word))[:, None]  # (B, 1)
-        return _hash32_(base ^ _counter_words(n_pairs, torch.device(device) if device is not None else torch.device("cpu")))
+    def _bases(self, stream: int, count: int, device: torch.device) -> torch.Tensor:
+        """``(count, B)`` bases of the streams ``stream, ..., stream + count - 1`` (mod ``2^32``)."""
+        parts, s, left = [], int(stream) & _MASK32, count
+        while left > 0:
+            blk, off = divmod(s, self._block)
+            take = min(left, self._block - off)
+            parts.append(self._base_block(blk, device)[off : off + take])
+            s, left = (s + take) & _MASK32, left - take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def words(
+        self, n_pairs: int, stream: int = 0, *, count: int = 1, device: Optional[Union[torch.device, str]] = None
+    ) -> torch.Tensor:
+        """The ``(count, B, 2 n_pairs)`` int32 words of the draws ``stream, ..., stream + count - 1``:
+        ``w[s, i, k] = H(base_{i,s} ^ H(c_k))`` with ``c = (0, 2, ..., 2 n - 2, 1, 3, ..., 2 n - 1)``
+        (radius words first, then phase words)."""
+        dev = _CPU if device is None else torch.device(device)
+        return _hash32_(self._bases(stream, count, dev)[:, :, None] ^ _counter_words(n_pairs, dev))
+
+    def randn_streams(
+        self,
+        shape: Sequence[int],
+        stream: int,
+        count: int,
+        *,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """``count`` consecutive draws at once, ``(count, B, *shape)``: entry ``j`` is bit-identical to
+        ``randn(shape, stream + j)`` (the same elementwise operations on the same words), for the
+        cost of one draw's fixed per-call work."""
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive integer; got {count!r}")
+        n = int(math.prod(shape))
+        half = (n + 1) // 2
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        w = self.words(half, stream, count=count, device=device).view(count * self.batch_size, 2 * half)
+        z = _box_muller(w, work)
+        if n != 2 * half:
+            z = z[:, :n]
+        return z.reshape((count, self.batch_size, *shape)).to(dtype)
 
     def randn(
         self,
@@ -180,13 +243,7 @@ class SampleNoise:
         Element ``j < h`` of a sample is ``r_j cos phi_j`` and element ``h + j`` is ``r_j sin phi_j``
         (``h = ceil(n / 2)``, ``n = prod(shape)``; the last sine is dropped when ``n`` is odd).
         """
-        n = int(math.prod(shape))
-        half = (n + 1) // 2
-        work = torch.float64 if dtype == torch.float64 else torch.float32
-        z = _box_muller(self.words(half, stream, device=device), work)
-        if n != 2 * half:
-            z = z[:, :n]
-        return z.reshape((self.batch_size, *shape)).to(dtype)
+        return self.randn_streams(shape, stream, 1, device=device, dtype=dtype)[0]
 
     def randn_like(self, x: torch.Tensor, stream: int = 0) -> torch.Tensor:
         if x.shape[0] != self.batch_size:

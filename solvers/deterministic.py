@@ -63,6 +63,7 @@ def ddim(
     denoise = check_bool("denoise_final", o["denoise_final"])
     lv = levels(sde, steps, o["schedule"], o["t_min"], "ddim")
     run = Run(model, sde, x_T, generator, callback, progress, model_kwargs)
+    run.streams = lv.steps  # stream i at step i (eta > 0 only)
     x = x_T
     for i in run.steps(lv.steps, "ddim"):
         eps = run.eps(x, lv.t[i])

@@ -249,7 +249,9 @@ def _pc_loop(
 
     run = Run(model, sde, x_T, generator, callback, progress, model_kwargs or {})
     grid = _Grid(sde, steps, opts["schedule"], opts["t_min"])
-    per_step = 1 + n_corr  # noise streams used per step
+    first = 0 if predictor == "none" else 1  # the predictor's stream, if any, comes first
+    per_step = first + n_corr  # noise streams used per step
+    run.streams = len(grid) * per_step  # streams 0 .. N * per_step - 1, each once, in order
     coeffs = _COEFFS[predictor](grid) if predictor != "none" else None
     x = x_T
     for i in run.steps(len(grid), desc=name):
@@ -257,7 +259,7 @@ def _pc_loop(
         if coeffs is not None:
             x, x0 = _predict(run, grid, x, i, coeffs[i], i * per_step)
         for j in range(n_corr):
-            x, x0 = _correct(run, grid, x, i, corrector, snr, i * per_step + 1 + j)
+            x, x0 = _correct(run, grid, x, i, corrector, snr, i * per_step + first + j)
         run.report(i, grid.tl[i + 1], x, x0)
     return _finish(run, grid, x, opts["denoise_final"])
 

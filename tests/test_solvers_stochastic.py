@@ -451,3 +451,28 @@ def test_reported_denoised_is_tweedie_of_the_last_call_and_inputs_are_untouched(
         x, t, eps = calls[n_calls - 1]
         want = (x - sde.std(t)[:, None] * eps) / sde.alpha(t)[:, None]
         torch.testing.assert_close(den, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampler,knobs", [("ancestral", {}), ("pc", {}), ("langevin", {"corrector_steps": 2})])
+def test_noise_drawn_ahead_in_blocks_changes_nothing(sampler, knobs, monkeypatch):
+    """Run.noise draws upcoming streams in blocks; the samples are bit-identical to drawing each stream
+    on its own, and no stream past the sampler's declared range is ever drawn."""
+    import solvers.base as base
+
+    sde = SDES["vp"]()
+    model = GaussianMixture.ring().eps_model(sde)
+    x_T = torch.randn(6, 2, generator=torch.Generator().manual_seed(3))
+    drawn = []
+    real = SampleNoise.randn_streams
+
+    def spy(self, shape, stream, count, **kw):
+        drawn.extend(range(stream, stream + count))
+        return real(self, shape, stream, count, **kw)
+
+    monkeypatch.setattr(SampleNoise, "randn_streams", spy)
+    ahead = solvers.SAMPLERS[sampler](model, sde, x_T, steps=7, generator=4, **knobs)
+    n_streams = {"ancestral": 7, "pc": 14, "langevin": 14}[sampler]
+    assert sorted(drawn) == list(range(1, n_streams + 1))  # Run.noise shifts streams by one
+    monkeypatch.setattr(base, "NOISE_AHEAD", 1)
+    one = solvers.SAMPLERS[sampler](model, sde, x_T, steps=7, generator=4, **knobs)
+    assert torch.equal(ahead, one)
