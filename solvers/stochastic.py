@@ -426,14 +426,24 @@ class _TorchsdeReverse(torch.nn.Module):
         super().__init__()
         self.run, self.sde_, self.shape, self.sde_type = run, sde, shape, sde_type
         self._memo: Optional[Tuple[Tensor, float, Tensor]] = None
+        self._coeff_memo: Dict[float, Tuple[float, float, float, float, float]] = {}
         self.last_denoised: Optional[Tensor] = None
 
     def _coeffs(self, tau: Tensor) -> Tuple[float, float, float, float, float]:
-        t = torch.as_tensor(self.sde_.T - float(tau), dtype=torch.float64).clamp(0.0, self.sde_.T)
+        """``(t, alpha, std, f, g)`` at ``t = T - tau``; memoised per ``tau`` (torchsde asks for f and
+        g at the same times, and its contract check asks again on every call)."""
+        key = float(tau)
+        hit = self._coeff_memo.get(key)
+        if hit is not None:
+            return hit
+        t = torch.as_tensor(self.sde_.T - key, dtype=torch.float64).clamp(0.0, self.sde_.T)
         with unchecked():
             a, s = float(self.sde_.alpha(t)), float(self.sde_.std(t))
             f, g = self.sde_.sde(torch.ones(1, 1, dtype=torch.float64), t.reshape(1))
-        return float(t), a, s, float(f), float(g)
+        if len(self._coeff_memo) > 64:
+            self._coeff_memo.clear()
+        out = self._coeff_memo[key] = (float(t), a, s, float(f), float(g))
+        return out
 
     def f(self, tau: Tensor, y: Tensor) -> Tensor:
         # torchsde's contract check evaluates f at the start point once more: reuse that evaluation.
