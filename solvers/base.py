@@ -227,7 +227,7 @@ def all_finite(x: torch.Tensor) -> bool:
     overflow the sum (float16 sums above 65504, say); so a non-finite sum is confirmed by the full
     elementwise ``isfinite(x).all()`` before anything is reported. One host read per call, as before.
     """
-    if math.isfinite(float(x.sum())):
+    if math.isfinite(float(x.detach().sum())):
         return True
     return bool(torch.isfinite(x).all())
 
