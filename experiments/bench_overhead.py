@@ -12,8 +12,12 @@ and report
 * ``overhead = (wall - time inside the network) / time inside the network``, which does not depend
   on how fast the network happened to run alone (useful on a loaded machine).
 
-Each sampler is timed ``--repeats`` times and the fastest run is kept (contention only ever adds
-time). Numbers taken on a shared machine are indicative only; rerun on a quiet one.
+The network's speed drifts by several percent over a minute even on a pinned core (clock, cache
+sharing with the other core), so ``t_call`` is measured again right before every timed run (median
+of ``--call-reps`` calls) and that run's ratio uses it; each sampler is run ``--repeats`` times and
+the run with the lowest ratio is kept (contention only ever adds time). The first ``t_call``
+(median of 30) is printed too. The CSV records the load average and the CPUs the process may run
+on. Pin it to one otherwise idle core, e.g. ``taskset -c 0 python experiments/bench_overhead.py``.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--call-reps", type=int, default=10, help="network calls timed right before each sampler run")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--samplers", nargs="+", default=None)
@@ -89,6 +94,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.quick:
         args.nfe, args.repeats, args.width = 10, 1, 512
     torch.set_num_threads(args.threads)
+    cpus = "+".join(map(str, sorted(os.sched_getaffinity(0)))) if hasattr(os, "sched_getaffinity") else "?"
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     shape = (args.batch, *args.shape)
@@ -98,22 +104,25 @@ def main(argv: Optional[List[str]] = None) -> None:
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dev)
     t = torch.full((args.batch,), 0.5, device=dev)
 
-    for _ in range(5):  # warm-up
-        net(x_T, t)
-    sync()
-    calls = []
-    for _ in range(30 if not args.quick else 10):
-        t0 = time.perf_counter()
-        net(x_T, t)
-        sync()
-        calls.append(time.perf_counter() - t0)
+    def time_calls(n: int) -> List[float]:
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            net(x_T, t)
+            sync()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    time_calls(5)  # warm-up
+    calls = time_calls(30 if not args.quick else 10)
     t_call = statistics.median(calls)
     print(f"network alone: {1e3 * t_call:.2f} ms per call (median of {len(calls)}; min {1e3 * min(calls):.2f}); "
-          f"batch {shape}, width {args.width}, depth {args.depth}, {args.threads} thread(s), {dev}")
+          f"batch {shape}, width {args.width}, depth {args.depth}, {args.threads} thread(s), {dev}, CPUs {cpus}, "
+          f"load average {os.getloadavg()[0]:.2f}")
 
     rows = []
     names = [s for s in sorted(solvers.SAMPLERS) if args.samplers is None or s in args.samplers]
-    print(f"{'sampler':18s} {'steps':>5s} {'NFE':>5s} {'wall s':>8s} {'ratio':>7s} {'overhead':>9s}")
+    print(f"{'sampler':18s} {'steps':>5s} {'NFE':>5s} {'wall s':>8s} {'call ms':>8s} {'ratio':>7s} {'overhead':>9s}")
     for name in names:
         # adaptive solvers choose their own NFE (default tolerances); the ratio still applies
         steps = 1 if P.is_adaptive(name, sde) else P.steps_for_nfe(name, sde, args.nfe)[0]
@@ -122,22 +131,24 @@ def main(argv: Optional[List[str]] = None) -> None:
             continue
         best = None
         for _ in range(args.repeats):
+            t_here = statistics.median(time_calls(args.call_reps))
             model = TimedModel(net, sync)
             sync()
             t0 = time.perf_counter()
             solvers.SAMPLERS[name](model, sde, x_T.clone(), steps=steps, generator=0)
             sync()
             wall = time.perf_counter() - t0
-            if best is None or wall < best[0]:
-                best = (wall, model.seconds, model.calls)
-        wall, inside, nfe = best
-        ratio = wall / (nfe * t_call)
+            ratio = wall / (model.calls * t_here)
+            if best is None or ratio < best[0]:
+                best = (ratio, wall, model.seconds, model.calls, t_here)
+        ratio, wall, inside, nfe, t_here = best
         over = (wall - inside) / inside
         flag = "" if ratio <= 1.05 else "  > 1.05"
-        print(f"{name:18s} {steps:5d} {nfe:5d} {wall:8.3f} {ratio:7.3f} {100 * over:8.1f}%{flag}")
-        rows.append(dict(sampler=name, steps=steps, nfe=nfe, wall_s=wall, net_s=inside, t_call_ms=1e3 * t_call,
+        print(f"{name:18s} {steps:5d} {nfe:5d} {wall:8.3f} {1e3 * t_here:8.2f} {ratio:7.3f} {100 * over:8.1f}%{flag}")
+        rows.append(dict(sampler=name, steps=steps, nfe=nfe, wall_s=wall, net_s=inside, t_call_ms=1e3 * t_here,
                          ratio=ratio, overhead=over, batch=args.batch, shape="x".join(map(str, args.shape)),
-                         width=args.width, depth=args.depth, threads=args.threads, device=str(dev)))
+                         width=args.width, depth=args.depth, threads=args.threads, device=str(dev),
+                         cpus=cpus, load1=os.getloadavg()[0]))
     if not args.quick and rows:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w", newline="") as f:
