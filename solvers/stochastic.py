@@ -452,8 +452,10 @@ class _TorchsdeReverse(torch.nn.Module):
         t, a, s, f, g = self._coeffs(tau)
         x = y.reshape(self.shape)
         eps = self.run.eps(x, t)
-        self.last_denoised = (x - s * eps) / a
-        drift = -(f * x + (g * g / s) * eps)  # -(f x - g^2 score), score = -eps / std
+        if self.run.callback is not None:  # Tweedie's estimate, only when someone reads it
+            self.last_denoised = (x - s * eps) / a
+        drift = eps * (-(g * g / s))  # -(f x - g^2 score) = -(g^2 / s) eps - f x, score = -eps / std
+        drift.add_(x, alpha=-f)
         out = drift.reshape(y.shape)
         self._memo = (y, float(tau), out)
         return out
@@ -498,8 +500,8 @@ class _SampleBrownian:
                 "use brownian='interval' for adaptive stepping"
             )
         if j not in self._cache:
-            z_w = self.run.noise(self.like, self.stream0 + 2 * j)
-            z_h = self.run.noise(self.like, self.stream0 + 2 * j + 1) if return_U else None
+            z_w = self.run.noise(self.like, self.stream0 + j)
+            z_h = self.run.noise(self.like, _LEVY_STREAMS + self.stream0 + j) if return_U else None
             self._cache[j] = (z_w, z_h)
         z_w, z_h = self._cache[j]
         h = tb - ta
@@ -507,12 +509,15 @@ class _SampleBrownian:
         if not return_U:
             return w
         if z_h is None:
-            z_h = self.run.noise(self.like, self.stream0 + 2 * j + 1)
+            z_h = self.run.noise(self.like, _LEVY_STREAMS + self.stream0 + j)
             self._cache[j] = (z_w, z_h)
         return w, h * (0.5 * w + math.sqrt(h / 12.0) * z_h)
 
 
 _ENTROPY_STREAM = 0x7FFF0000  # far above the streams the step loop uses
+# Levy-area noise (SRK) of the W cell with stream k is stream _LEVY_STREAMS + k, so the W streams run
+# 0, 1, 2, ... in order and Run.noise can draw them ahead in blocks.
+_LEVY_STREAMS = 0x40000000
 
 
 def _seed_entropy(run: Run, like: Tensor) -> int:
@@ -575,26 +580,76 @@ def sde(
             t0=taus[0], t1=taus[-1], size=tuple(y.shape), dtype=y.dtype, device=y.device,
             entropy=_seed_entropy(run, y), levy_area_approximation=levy,
         )
+    stepper = _TorchsdeStepper(rsde, method, adaptive, opts["rtol"], opts["atol"], opts["dt_min"])
     extra = None
     stream = 0
+    n_subs = [1 if dt is None else max(1, math.ceil((taus[k + 1] - taus[k]) / float(dt) - 1e-9))
+              for k in range(len(grid))]
+    if bm_all is None:
+        run.streams = sum(n_subs)  # W cells draw streams 0, 1, 2, ... in order
     for k in run.steps(len(grid), desc="sde"):
-        tau0, tau1 = taus[k], taus[k + 1]
-        n_sub = 1 if dt is None else max(1, math.ceil((tau1 - tau0) / float(dt) - 1e-9))
+        tau0, tau1, n_sub = taus[k], taus[k + 1], n_subs[k]
         h = (tau1 - tau0) / n_sub
         if bm_all is None:
             bm = _SampleBrownian(run, y, tau0, tau1, n_sub, stream)
-            stream += 2 * n_sub
+            stream += n_sub
         else:
             bm = bm_all
-        ys, extra = torchsde.sdeint(
-            rsde, y, torch.tensor([tau0, tau1], dtype=torch.float64), bm=bm, method=method,
-            dt=h * (1 + 1e-10),  # the solver clips its last step at tau1: no sliver step from rounding
-            adaptive=adaptive, rtol=opts["rtol"], atol=opts["atol"], dt_min=opts["dt_min"],
-            extra=True, extra_solver_state=extra,
+        ys, extra = stepper(
+            y, torch.tensor([tau0, tau1], dtype=torch.float64), bm,
+            h * (1 + 1e-10),  # the solver clips its last step at tau1: no sliver step from rounding
+            extra,
         )
         y = ys[-1]
         run.report(k, float(grid.t[k + 1]), y.reshape(shape), _reshape(rsde.last_denoised, shape))
     return _finish(run, grid, y.reshape(shape), opts["denoise_final"])
+
+
+class _TorchsdeStepper:
+    """``torchsde.sdeint`` over one report interval at a time, paying its set-up once.
+
+    Every ``sdeint`` call re-runs ``check_contract`` (shape checks that evaluate the drift and
+    diffusion and draw a full-size ``torch.randn``) and builds a solver: ~1.6 ms per interval at
+    64 x 768, more than the rest of a step. The sampler reports after every interval (NaN guard,
+    callbacks), so it calls the solver once per interval; this runs ``check_contract`` and builds
+    the solver on the first call exactly as ``sdeint`` does, then swaps in each interval's Brownian
+    motion and step size and calls ``solver.integrate`` (what ``sdeint`` does after its checks), so
+    the numbers are identical (tested). If torchsde's internals move, it falls back to ``sdeint``.
+    """
+
+    def __init__(self, rsde: Any, method: str, adaptive: bool, rtol: float, atol: float, dt_min: float):
+        self.rsde, self.method, self.adaptive = rsde, method, adaptive
+        self.rtol, self.atol, self.dt_min = rtol, atol, dt_min
+        self.solver: Any = None
+        self.fast = True
+
+    def _sdeint(self, y: Tensor, ts: Tensor, bm: Any, dt: float, extra: Any):
+        import torchsde
+
+        return torchsde.sdeint(self.rsde, y, ts, bm=bm, method=self.method, dt=dt, adaptive=self.adaptive,
+                               rtol=self.rtol, atol=self.atol, dt_min=self.dt_min, extra=True,
+                               extra_solver_state=extra)
+
+    def __call__(self, y: Tensor, ts: Tensor, bm: Any, dt: float, extra: Any):
+        if not self.fast:
+            return self._sdeint(y, ts, bm, dt, extra)
+        if self.solver is None:
+            try:
+                from torchsde._core import methods
+                from torchsde._core.sdeint import check_contract
+
+                sde_, y, ts, bm, method, options = check_contract(self.rsde, y, ts, bm, self.method, self.adaptive,
+                                                                  None, None, False)
+                self.solver = methods.select(method=method, sde_type=sde_.sde_type)(
+                    sde=sde_, bm=bm, dt=dt, adaptive=self.adaptive, rtol=self.rtol, atol=self.atol,
+                    dt_min=self.dt_min, options=options)
+            except (ImportError, AttributeError, TypeError):  # another torchsde layout: the public route
+                self.fast = False
+                return self._sdeint(y, ts, bm, dt, extra)
+        self.solver.bm, self.solver.dt = bm, dt
+        if extra is None:
+            extra = self.solver.init_extra_solver_state(ts[0], y)
+        return self.solver.integrate(y, ts, extra)
 
 
 def _reshape(v: Optional[Tensor], shape: torch.Size) -> Optional[Tensor]:

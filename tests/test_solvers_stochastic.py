@@ -476,3 +476,17 @@ def test_noise_drawn_ahead_in_blocks_changes_nothing(sampler, knobs, monkeypatch
     monkeypatch.setattr(base, "NOISE_AHEAD", 1)
     one = solvers.SAMPLERS[sampler](model, sde, x_T, steps=7, generator=4, **knobs)
     assert torch.equal(ahead, one)
+
+
+@pytest.mark.parametrize("knobs", [{"method": "euler"}, {"method": "srk", "dt": 0.01}, {"method": "heun"},
+                                   {"method": "euler", "brownian": "interval", "adaptive": True,
+                                    "rtol": 0.1, "atol": 0.1}])
+def test_sde_reused_torchsde_solver_equals_calling_sdeint_each_interval(monkeypatch, knobs):
+    # the sampler runs torchsde's contract check once and reuses its solver; calling the public
+    # sdeint for every interval (what it falls back to) must give the very same numbers
+    mix, ve = GaussianMixture.ring(4, radius=2.0, std=0.3), VESDE()
+    x_T = 50 * torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fast = solvers.SAMPLERS["sde"](mix.eps_model(ve), ve, x_T, steps=12, generator=5, **knobs)
+    monkeypatch.setattr(stochastic._TorchsdeStepper, "__call__", lambda self, *a: self._sdeint(*a))
+    slow = solvers.SAMPLERS["sde"](mix.eps_model(ve), ve, x_T, steps=12, generator=5, **knobs)
+    assert torch.isfinite(fast).all() and torch.equal(fast, slow)
