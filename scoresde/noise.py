@@ -6,8 +6,13 @@ number from ``(seed, sample id, stream, element index)`` with an integer hash, v
 (no Python loop over samples).
 
 **Words.** The hash is Wellons' "lowbias32" ``H`` (two xor-shift-multiply rounds on 32-bit words),
-chained over the counters: ``key_i = H(H(seed) ^ H(id_i + c))``, ``base_{i,s} = H(key_i ^ H(s + c'))``
-and element ``k``'s word ``w = H(base_{i,s} ^ H(k))``. The per-element work runs on ``int32``
+chained over the counters in two 32-bit lanes with different salts: ``key_i = H(H(seed) ^ H(id_i + c))``,
+``base_{i,s} = H(key_i ^ H(s + c'))`` (and ``key2``, ``base2`` likewise), and element ``k``'s word
+``w = H(H(base_{i,s} ^ H(k)) ^ base2_{i,s})``. ``H`` is a bijection of 32-bit words, so for one seed
+distinct ids (mod ``2^32``) get distinct keys and one sample's streams distinct bases: no two samples
+share ``x_T`` and no sample repeats its own noise. The second lane makes the draws of two different
+samples at two different streams coincide with probability ``2^-64`` instead of ``2^-32`` per pair
+(with one lane, 50,000 samples x 1,000 steps would share ~3e5 draws across samples). The per-element work runs on ``int32``
 tensors whose bits are the 32-bit words: ``*`` wraps modulo ``2^32`` (two's complement, which is what
 torch's CPU vector kernels and CUDA integer units do) and the logical shift is an arithmetic shift
 masked to the remaining bits. These words are bit-identical to a pure-Python reference
@@ -36,6 +41,8 @@ import torch
 _MASK32 = 0xFFFFFFFF
 _C1, _C2 = 0x7FEB352D, 0x846CA68B  # lowbias32 multipliers
 _ID_SALT, _STREAM_SALT = 0x9E3779B9, 0x6A09E667
+# the second 32-bit lane of the keys and bases (see the module docstring)
+_LANE2_SALT, _ID_SALT2, _STREAM_SALT2 = 0x3C6EF372, 0xBB67AE85, 0xA54FF53A
 
 
 def _signed32(c: int) -> int:
@@ -158,10 +165,14 @@ class SampleNoise:
         self.sample_ids = torch.as_tensor(sample_ids, dtype=torch.int64)
         if self.sample_ids.ndim != 1:
             raise ValueError("sample_ids must be a 1-D tensor of integer ids")
-        # key_i = H(H(seed_lo ^ H(seed_hi)) ^ H(id_i + salt)): mixes the seed's 64 bits and the id.
+        # key_i = H(H(seed_lo ^ H(seed_hi)) ^ H(id_i + salt)): mixes the seed's 64 bits and the id;
+        # the second lane the same with other salts.
         seed_word = _hash32_int((self.seed & _MASK32) ^ _hash32_int((self.seed >> 32) & _MASK32))
+        seed_word2 = _hash32_int(seed_word + _LANE2_SALT)
         ids = _hash32_(_words32(self.sample_ids + _ID_SALT))
-        self._keys = _hash32_(ids.bitwise_xor_(_signed32(seed_word)))  # (B,) int32
+        ids2 = _hash32_(_words32(self.sample_ids + _ID_SALT2))
+        self._keys = torch.stack([_hash32_(ids.bitwise_xor_(_signed32(seed_word))),
+                                  _hash32_(ids2.bitwise_xor_(_signed32(seed_word2)))], dim=1)  # (B, 2) int32
         self._bases_cache: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         # streams whose per-sample bases are hashed in one go (fewer tiny kernels per draw)
         self._block = max(1, min(64, (1 << 20) // max(1, self.batch_size)))
@@ -175,21 +186,22 @@ class SampleNoise:
         return SampleNoise(self.seed, self.sample_ids[index])
 
     def _base_block(self, blk: int, device: torch.device) -> torch.Tensor:
-        """``(block, B)`` int32 ``base_{i,s} = H(key_i ^ H(s + c'))`` for the streams
-        ``s = blk * block + j``, hashed in one go and kept (the samplers walk streams in order)."""
+        """``(block, B, 2)`` int32 ``[base_{i,s}, base2_{i,s}]`` with ``base = H(key ^ H(s + c'))`` per lane,
+        for the streams ``s = blk * block + j``, hashed in one go and kept (samplers walk streams in order)."""
         bases = self._bases_cache.get((blk, device))
         if bases is None:
             first = blk * self._block
-            words = [_signed32(_hash32_int(first + j + _STREAM_SALT)) for j in range(self._block)]
-            sw = torch.tensor(words, dtype=torch.int32, device=device)[:, None]
-            bases = _hash32_(self._keys.to(device)[None, :] ^ sw)
+            words = [[_signed32(_hash32_int(first + j + _STREAM_SALT)), _signed32(_hash32_int(first + j + _STREAM_SALT2))]
+                     for j in range(self._block)]
+            sw = torch.tensor(words, dtype=torch.int32, device=device)[:, None, :]
+            bases = _hash32_(self._keys.to(device)[None, :, :] ^ sw)
             if len(self._bases_cache) >= 4:
                 self._bases_cache.pop(next(iter(self._bases_cache)))
             self._bases_cache[(blk, device)] = bases
         return bases
 
     def _bases(self, stream: int, count: int, device: torch.device) -> torch.Tensor:
-        """``(count, B)`` bases of the streams ``stream, ..., stream + count - 1`` (mod ``2^32``)."""
+        """``(count, B, 2)`` bases of the streams ``stream, ..., stream + count - 1`` (mod ``2^32``)."""
         parts, s, left = [], int(stream) & _MASK32, count
         while left > 0:
             blk, off = divmod(s, self._block)
@@ -202,10 +214,13 @@ class SampleNoise:
         self, n_pairs: int, stream: int = 0, *, count: int = 1, device: Optional[Union[torch.device, str]] = None
     ) -> torch.Tensor:
         """The ``(count, B, 2 n_pairs)`` int32 words of the draws ``stream, ..., stream + count - 1``:
-        ``w[s, i, k] = H(base_{i,s} ^ H(c_k))`` with ``c = (0, 2, ..., 2 n - 2, 1, 3, ..., 2 n - 1)``
-        (radius words first, then phase words)."""
+        ``w[s, i, k] = H(H(base_{i,s} ^ H(c_k)) ^ base2_{i,s})`` with
+        ``c = (0, 2, ..., 2 n - 2, 1, 3, ..., 2 n - 1)`` (radius words first, then phase words)."""
         dev = _CPU if device is None else torch.device(device)
-        return _hash32_(self._bases(stream, count, dev)[:, :, None] ^ _counter_words(n_pairs, dev))
+        b = self._bases(stream, count, dev)
+        w = _hash32_(b[:, :, 0:1] ^ _counter_words(n_pairs, dev))
+        tmp = torch.empty_like(w)
+        return _hash32_(w.bitwise_xor_(b[:, :, 1:2]), tmp)
 
     def randn_streams(
         self,

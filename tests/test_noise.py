@@ -76,13 +76,16 @@ def test_hash_on_int32_words_equals_the_python_reference():
 
 
 def _reference_words(seed, sample_id, stream, n_pairs):
-    """The documented chain ``H(base ^ H(c_k))`` in pure Python for one sample."""
+    """The documented two-lane chain ``H(H(base ^ H(c_k)) ^ base2)`` in pure Python for one sample."""
     H, M = N._hash32_int, 0xFFFFFFFF
     seed_word = H((seed & M) ^ H((seed >> 32) & M))
+    seed_word2 = H(seed_word + N._LANE2_SALT)
     key = H(seed_word ^ H(sample_id + N._ID_SALT))
+    key2 = H(seed_word2 ^ H(sample_id + N._ID_SALT2))
     base = H(key ^ H((stream & M) + N._STREAM_SALT))
+    base2 = H(key2 ^ H((stream & M) + N._STREAM_SALT2))
     counters = [2 * k for k in range(n_pairs)] + [2 * k + 1 for k in range(n_pairs)]
-    return [H(base ^ H(c)) for c in counters]
+    return [H(H(base ^ H(c)) ^ base2) for c in counters]
 
 
 @pytest.mark.parametrize("seed,ids,stream", [(0, [0, 5, 63], 1), (2**40 + 7, [2**31 + 3, 2**32 - 1], 2**31 + 9), (-5, [17], 0)])
