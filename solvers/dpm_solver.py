@@ -29,13 +29,13 @@ network (a 1.05 target), which matters more for small networks than this gain.
 Defaults chosen for accuracy at 10-20 NFE (measured against a tight reference on Gaussian
 mixtures; see ``solvers._reference``): order 3 with the corrector; the "window" time grid
 (``solvers._levels.window_grid``: log-SNR-uniform steps where the denoiser changes, larger ones
-above and below) with the window ``sigma`` in (1, 5): at 10 NFE the error is dominated by a few
+above and below) with the window ``sigma`` in (0.5, 10). At 10 NFE the error is dominated by a few
 samples per thousand that end in the wrong component, decided by ordinary-size errors at ``sigma``
-about a third of the closest component spacing, and the narrower window puts more steps there.
-Against the former (0.5, 10) on ten mixtures it lowers the geometric-mean RMS endpoint error at 10
-NFE by 13 % (n = 2000, seed 0: 0.0913 -> 0.0791) and 5 % (n = 4000, seed 1: 0.0859 -> 0.0818), and
-at 20 NFE by 5 % and 16 % (0.0154 -> 0.0146, 0.0237 -> 0.0200); it costs accuracy at many steps
-(seed 0: +4 % at 15 NFE, +25 % at 30, +33 % at 50), so pass ``window=(0.5, 10)`` there. Singlestep
+about a third of the closest component spacing; the narrower ``window=(1, 5)`` puts more steps
+there and, on ten mixtures, lowers the geometric-mean RMS endpoint error at 10 NFE by 13 % (n = 2000,
+seed 0: 0.0913 -> 0.0791) and 5 % (n = 4000, seed 1: 0.0859 -> 0.0818), and at 20 NFE by 5 % and
+16 %, but costs accuracy at more steps (seed 0: +4 % at 15 NFE, +25 % at 30, +33 % at 50) and lost
+to UniPC on one 20-NFE row (one more flipped sample), so it is opt-in for <= ~12 NFE. Singlestep
 2S/3S stages inside the window (with or without the multistep history) were no better at equal
 NFE: self-starting ones 10-50 % worse, history-informed ones within +-7 % at 10 NFE of the
 multistep step on the same grid and worse at 20. The other defaults: lower order over the last
@@ -244,7 +244,7 @@ def dpm_solver(
     each reused evaluation to the corrected state, :func:`shifted_denoise`); ``schedule`` (a :data:`solvers.SCHEDULES`
     name or "window"; "logsnr" = uniform steps in ``h``); ``window`` (``(sigma_lo, sigma_hi)`` of the
     "window" grid, in units of the data: scale both with the data's per-coordinate std; the default
-    (1, 5) was chosen for 10-20 NFE on data of std ~1-3, and (0.5, 10) is better from ~15-30 NFE on); ``t_min``; ``interp`` ("lambda": ``P`` a polynomial in ``lambda``; "window": in the window grid's variable,
+    (0.5, 10) was chosen on data of std ~1-3; (1, 5) is 5-13 % better at 10 NFE, worse from ~15 on); ``t_min``; ``interp`` ("lambda": ``P`` a polynomial in ``lambda``; "window": in the window grid's variable,
     :func:`window_weights`); ``corrector_order`` (``None``: the corrector interpolates ``order + 1``
     points; an int caps that, e.g. 3 as in UniPC's default); ``lower_order_final`` (first order over the last
     two steps); ``final_step`` ("gaussian": exact step under a
@@ -355,7 +355,7 @@ KNOBS: Dict[str, Dict[str, object]] = {
         "corrector": True,
         "shift_eval": False,
         "schedule": "window",
-        "window": (1.0, 5.0),
+        "window": (0.5, 10.0),
         "t_min": None,
         "lower_order_final": True,
         "denoise_final": True,
