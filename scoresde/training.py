@@ -517,6 +517,8 @@ class _Run:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             if not resumed:
                 (self.out / "metrics.jsonl").write_text("")
+            else:
+                _truncate_metrics(self.out / "metrics.jsonl", self.step)
         bar = None
         if progress and main:
             from tqdm.auto import tqdm
@@ -574,6 +576,22 @@ class _Run:
         if cfg.num_samples > 0 and not (cfg.sample_every and self.step % cfg.sample_every == 0):
             self.write_samples()
         return TrainResult(str(self.out), self.step, str(self.ckpt_path), dict(self.last_metrics), elapsed, stopped_by)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines logged after ``step`` (a crashed run logs past its last checkpoint; the resumed
+    run logs those steps again), so each step appears once. Unreadable lines are kept as they are."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) > step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass
+        kept.append(line)
+    path.write_text("".join(l + "\n" for l in kept))
 
 
 class _nullcontext:

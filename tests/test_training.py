@@ -188,3 +188,14 @@ def test_toy_mixture_trains_and_samples_match_the_data(tmp_path):
     # (3) tails: 1.1% of exact samples lie beyond 3 widths; deterministic sampling with a
     # learned score scatters a few more between modes: allow 10%.
     assert float((r > 3).double().mean()) < 0.10
+
+
+def test_resume_after_a_crash_logs_each_step_once(tmp_path):
+    # a crashed run has logged steps past its last checkpoint; the resumed run logs them again
+    train(tiny(tmp_path, steps=4), progress=False)
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(log.read_text() + json.dumps({"step": 6, "loss": -1.0, "crashed": True}) + "\n")
+    train(tiny(tmp_path), resume=True, progress=False)
+    lines = [json.loads(l) for l in log.read_text().splitlines()]
+    assert [l["step"] for l in lines] == [2, 4, 6, 8]
+    assert not any(l.get("crashed") for l in lines)
