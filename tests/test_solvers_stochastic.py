@@ -490,3 +490,17 @@ def test_sde_reused_torchsde_solver_equals_calling_sdeint_each_interval(monkeypa
     monkeypatch.setattr(stochastic._TorchsdeStepper, "__call__", lambda self, *a: self._sdeint(*a))
     slow = solvers.SAMPLERS["sde"](mix.eps_model(ve), ve, x_T, steps=12, generator=5, **knobs)
     assert torch.isfinite(fast).all() and torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_sde_with_torchsde_euler_equals_our_euler_maruyama(sde_name):
+    # two implementations of one scheme: torchsde's Euler on the reverse SDE in tau = T - t, and our
+    # Euler-Maruyama predictor, on the same grid and the same per-sample noise streams
+    sde = SDES[sde_name]()
+    mix = GaussianMixture.ring(4, radius=2.0, std=0.3)
+    x_T = sde.prior_std * torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ours = solvers.SAMPLERS["euler_maruyama"](mix.eps_model(sde), sde, x_T, steps=15, generator=4)
+    theirs = solvers.SAMPLERS["sde"](mix.eps_model(sde), sde, x_T, steps=15, generator=4, method="euler")
+    assert torch.allclose(ours, theirs, rtol=1e-9, atol=1e-9)
+    other_seed = solvers.SAMPLERS["sde"](mix.eps_model(sde), sde, x_T, steps=15, generator=5, method="euler")
+    assert not torch.allclose(ours, other_seed, atol=1e-3)
