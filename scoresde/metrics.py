@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._tensor import append_dims
+
 #: bump when the classifier's architecture or training recipe changes (invalidates cached weights)
 CLASSIFIER_VERSION = 2
 CONFIDENCE_THRESHOLD = 0.9
@@ -83,7 +85,7 @@ def _outliers(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     unif = 2 * torch.rand(x.shape, generator=g) - 1
     perm = torch.argsort(torch.rand(b, 64, generator=g), dim=1)
     shuffled = torch.gather(x.reshape(b, 64), 1, perm).reshape(x.shape)
-    kind = torch.randint(0, 3, (b,), generator=g)[:, None, None, None]
+    kind = append_dims(torch.randint(0, 3, (b,), generator=g), x.ndim)  # (B, 1, ..., 1)
     return torch.where(kind == 0, gauss, torch.where(kind == 1, unif, shuffled))
 
 
