@@ -54,10 +54,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from scoresde._tensor import append_dims
+from scoresde._tensor import append_dims, unchecked
 
 from .base import Run, check_knobs
-from ._levels import check_bool, final_denoise, levels
+from ._levels import Levels, check_bool, final_denoise, levels, require
 
 _MAX_ORDER = 3
 _INV_FACT = [1.0 / math.factorial(j) for j in range(40)]
@@ -225,6 +225,32 @@ def _shift(
     return torch.addcmul(da, c, delta), torch.addcmul(score_a, (c - 1.0) / sa**2, delta)
 
 
+def _levels_from_grid(sde: SDE, t_grid, steps: int, t_min: Optional[float], sampler: str) -> Levels:
+    """:class:`Levels` of an explicit grid ``t_grid`` (``steps + 1`` strictly decreasing times in
+    ``(0, T]``, a sequence, a tensor, or an object with a ``.t`` attribute holding one)."""
+    grid = t_grid if isinstance(t_grid, (torch.Tensor, list, tuple)) else getattr(t_grid, "t", t_grid)
+    try:
+        grid = torch.as_tensor(grid, dtype=torch.float64).reshape(-1).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"t_grid must be a sequence of times; got {type(t_grid).__name__}") from None
+    if not isinstance(steps, int) or steps < 1 or grid.numel() != steps + 1:
+        raise ValueError(f"t_grid must hold steps + 1 = {steps + 1} times; got {grid.numel()} (steps={steps!r})")
+    if not bool(torch.isfinite(grid).all()) or not bool((grid[1:] < grid[:-1]).all()):
+        raise ValueError("t_grid must be finite and strictly decreasing")
+    if not (float(grid[-1]) > 0 and float(grid[0]) <= float(sde.T)):
+        raise ValueError(f"t_grid must lie in (0, T={sde.T}]; got [{float(grid[-1])}, {float(grid[0])}]")
+    if t_min is not None and abs(float(t_min) - float(grid[-1])) > 1e-12 * max(1.0, abs(float(t_min))):
+        raise ValueError(f"t_min={t_min} disagrees with the end of t_grid ({float(grid[-1])}); leave t_min unset")
+    require(sde, sampler, "alpha", "std")
+    with unchecked():
+        a = sde.alpha(grid)
+        s = sde.std(grid)
+    sig = s / a
+    if not bool(torch.isfinite(sig).all()) or not bool((sig > 0).all()) or not bool((sig[1:] < sig[:-1]).all()):
+        raise ValueError(f"sampler {sampler!r} needs 0 < std/alpha < inf, strictly decreasing, along t_grid")
+    return Levels(grid.tolist(), a.tolist(), s.tolist(), sig.tolist(), (-torch.log(sig)).tolist())
+
+
 def dpm_solver(
     model: Callable[..., torch.Tensor],
     sde,
@@ -250,7 +276,9 @@ def dpm_solver(
     two steps); ``final_step`` ("gaussian": exact step under a
     fitted local Gaussian, see :func:`local_gaussian_step`; "dpm": the multistep update);
     ``denoise_final`` (return Tweedie's ``x_0`` at ``t_min`` with no extra NFE: from the local
-    Gaussian, or by reusing the last score). The first steps warm up at lower order (order ``i + 1``
+    Gaussian, or by reusing the last score); ``t_grid`` (``None``, or ``steps + 1`` strictly decreasing
+    times, or an object with a ``.t`` attribute such as :class:`solvers.calibrate.CalibratedGrid`:
+    used instead of ``schedule``/``window``/``t_min``). The first steps warm up at lower order (order ``i + 1``
     at step ``i``) since only ``i + 1`` evaluations exist yet.
     """
     check_knobs("dpm_solver", knobs, KNOBS["dpm_solver"])
@@ -277,7 +305,12 @@ def dpm_solver(
         corr_cap = _MAX_ORDER + 1
     if not isinstance(corr_cap, int) or isinstance(corr_cap, bool) or not 2 <= corr_cap <= _MAX_ORDER + 1:
         raise ValueError(f"corrector_order must be None or an int in [2, {_MAX_ORDER + 1}]; got {corr_cap!r}")
-    lv = levels(sde, steps, o["schedule"], o["t_min"], "dpm_solver", **extra)
+    if o["t_grid"] is not None:  # a precomputed grid (e.g. solvers.calibrate_grid) replaces the schedule
+        if interp != "lambda":
+            raise ValueError(f"t_grid needs interp='lambda'; got interp={interp!r}")
+        lv = _levels_from_grid(sde, o["t_grid"], steps, o["t_min"], "dpm_solver")
+    else:
+        lv = levels(sde, steps, o["schedule"], o["t_min"], "dpm_solver", **extra)
     run = Run(model, sde, x_T, generator, callback, progress, model_kwargs)
     n, lam = lv.steps, lv.lam
 
@@ -362,5 +395,6 @@ KNOBS: Dict[str, Dict[str, object]] = {
         "final_step": "gaussian",
         "interp": "lambda",
         "corrector_order": None,
+        "t_grid": None,
     }
 }
