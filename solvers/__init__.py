@@ -18,6 +18,7 @@ from scoresde.noise import as_sample_noise
 from scoresde.sde import SDE
 
 from .base import SCHEDULES, CountingModel, Run, SamplingError, time_grid
+from .calibrate import CalibratedGrid, GridCache, calibrate_grid
 from .deterministic import DETERMINISTIC
 from .deterministic import KNOBS as _DETERMINISTIC_KNOBS
 from .stochastic import KNOBS as _STOCHASTIC_KNOBS
@@ -132,4 +133,5 @@ def sample(
     return result
 
 
-__all__ = ["SAMPLERS", "SAMPLER_KNOBS", "DEFAULT_STEPS", "SCHEDULES", "SampleResult", "SamplingError", "Run", "sample", "time_grid"]
+__all__ = ["SAMPLERS", "SAMPLER_KNOBS", "DEFAULT_STEPS", "SCHEDULES", "SampleResult", "SamplingError", "Run", "sample", "time_grid",
+           "calibrate_grid", "CalibratedGrid", "GridCache"]
