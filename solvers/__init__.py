@@ -17,7 +17,7 @@ import torch
 from scoresde.noise import as_sample_noise
 from scoresde.sde import SDE
 
-from .base import SCHEDULES, CountingModel, Run, SamplingError, time_grid
+from .base import SCHEDULES, CountingModel, Run, SamplingError, model_device, time_grid
 from .calibrate import CalibratedGrid, GridCache, calibrate_grid
 from .deterministic import DETERMINISTIC
 from .deterministic import KNOBS as _DETERMINISTIC_KNOBS
@@ -59,16 +59,6 @@ class SampleResult:
     times: Optional[torch.Tensor] = None
 
 
-def _model_device(model: Any) -> torch.device:
-    """The device of a module's first parameter (or buffer); the CPU for plain callables."""
-    for attr in ("parameters", "buffers"):
-        tensors = getattr(model, attr, None)
-        if callable(tensors):
-            for p in tensors():
-                return p.device
-    return torch.device("cpu")
-
-
 def sample(
     model: Callable[..., torch.Tensor],
     sde: SDE,
@@ -103,7 +93,7 @@ def sample(
             raise ValueError(f"shape must be (B, ...) with positive sizes; got {shape}")
         noise = as_sample_noise(generator, shape[0])
         dtype = dtype or torch.get_default_dtype()
-        device = _model_device(model) if device is None else device
+        device = model_device(model) if device is None else device
         x_T = sde.prior_std * noise.randn(shape[1:], 0, device=device, dtype=dtype)
         generator = noise
     steps = DEFAULT_STEPS.get(sampler, 100) if steps is None else steps

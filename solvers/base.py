@@ -219,6 +219,16 @@ class Run:
             self.callback({"step": step, "t": t, "x": x, "denoised": denoised})
 
 
+def model_device(model: Any) -> torch.device:
+    """The device of a module's first parameter (or buffer); the CPU for plain callables."""
+    for attr in ("parameters", "buffers"):
+        tensors = getattr(model, attr, None)
+        if callable(tensors):
+            for p in tensors():
+                return p.device
+    return torch.device("cpu")
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """True iff every element of ``x`` is finite, at the cost of one reduction when it is.
 

@@ -39,7 +39,7 @@ import torch
 from scoresde.noise import as_sample_noise
 from scoresde.sde import SDE
 
-from .base import CountingModel
+from .base import CountingModel, model_device
 from .dpm_solver import KNOBS, dpm_solver
 from ._levels import levels
 
@@ -101,15 +101,6 @@ def warp_grid(base_lam: Sequence[float], knots: Sequence[float], steps: int) -> 
     return lam.tolist()
 
 
-def _model_device(model: Any) -> torch.device:
-    for attr in ("parameters", "buffers"):
-        tensors = getattr(model, attr, None)
-        if callable(tensors):
-            for p in tensors():
-                return p.device
-    return torch.device("cpu")
-
-
 def calibrate_grid(
     model: Callable[..., torch.Tensor],
     sde: SDE,
@@ -125,6 +116,7 @@ def calibrate_grid(
     model_kwargs: Optional[Dict[str, Any]] = None,
     device: Optional[torch.device | str] = None,
     dtype: Optional[torch.dtype] = None,
+    progress: bool = False,
     **knobs: Any,
 ) -> CalibratedGrid:
     """Fit a ``steps``-step time grid for ``dpm_solver`` to ``model`` (see the module docstring).
@@ -133,6 +125,7 @@ def calibrate_grid(
     ``knobs``: other ``dpm_solver`` knobs (order, corrector, window, t_min, final_step, ...) used
     for both the pilot and the fit; ``schedule``, ``interp`` and ``t_grid`` are not accepted.
     ``batch_size``: evaluate the pilot in chunks of this many samples (``None``: all at once).
+    ``progress``: a bar over the grids tried (a fit tries ~100-200; minutes on a CPU).
     The result depends only on the model, the SDE, the arguments here and ``pilot_seed`` -- never
     on the batch later sampled with it.
     """
@@ -156,7 +149,7 @@ def calibrate_grid(
     fine = levels(sde, _FINE, "window", o["t_min"], "calibrate_grid", sigma_lo=float(window[0]), sigma_hi=float(window[1]))
     t_first, t_last = fine.t[0], fine.t[-1]
 
-    device = _model_device(model) if device is None else torch.device(device)
+    device = model_device(model) if device is None else torch.device(device)
     dtype = dtype or torch.get_default_dtype()
     noise = as_sample_noise(int(pilot_seed), pilot_samples)
     x_T = sde.prior_std * noise.randn(shape, 0, device=device, dtype=dtype)
@@ -188,6 +181,20 @@ def calibrate_grid(
             x = solve(steps, to_times(knot_values))
             return float((x.to(torch.float64) - ref.to(torch.float64)).pow(2).mean())
 
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc=f"calibrating a {steps}-step grid", unit="grid", leave=False)
+        fit_mse = mse
+
+        def mse(knot_values: Sequence[float]) -> float:  # noqa: F811 (the counted, reported version)
+            v = fit_mse(knot_values)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(rms=f"{math.sqrt(v):.3g}")
+            return v
+
         g = [0.0] * knots
         best = default = mse(g)
         tried, delta = 1, 0.5
@@ -207,6 +214,8 @@ def calibrate_grid(
                 if delta < 0.06:
                     break
         times = to_times(g)
+        if bar is not None:
+            bar.close()
     if not all(b < a for a, b in zip(times, times[1:])):  # pragma: no cover - the warp is monotone
         raise RuntimeError("calibrated grid is not strictly decreasing")
     return CalibratedGrid(

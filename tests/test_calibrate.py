@@ -101,6 +101,10 @@ def test_pilot_cost_is_counted():
     g = calibrate_grid(counted, sde, (3,), steps=4, pilot_samples=16, pilot_steps=30, dtype=F64, **COARSE)
     assert counted.nfe == g.network_calls == 30 + g.grids_tried * 4
     assert g.pilot_cost == 16 * counted.nfe
+    # the progress bar only reports: the same grid with it on
+    shown = calibrate_grid(counted, sde, (3,), steps=4, pilot_samples=16, pilot_steps=30, dtype=F64, progress=True,
+                           **COARSE)
+    assert shown.t == g.t and shown.grids_tried == g.grids_tried
 
 
 def test_warp_with_flat_density_is_the_default_grid():
