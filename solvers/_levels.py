@@ -26,14 +26,7 @@ import torch
 from scoresde._tensor import unchecked
 from scoresde.sde import SDE
 
-from .base import SCHEDULES, time_grid, window_grid  # noqa: F401  (window_grid re-exported)
-
-
-
-
-def grid_for(sde: SDE, steps: int, schedule: str, t_min: Optional[float], **kwargs) -> torch.Tensor:
-    """:func:`solvers.base.time_grid` (kept for the samplers that call it by this name)."""
-    return time_grid(sde, steps, schedule, t_min=t_min, **kwargs)
+from .base import SCHEDULES, time_grid  # noqa: F401  (SCHEDULES re-exported)
 
 
 def require(sde: SDE, sampler: str, *methods: str) -> None:
@@ -80,7 +73,13 @@ def levels(sde: SDE, steps: int, schedule: str, t_min: Optional[float], sampler:
     ``sigma`` is positive, finite and strictly decreasing along it."""
     by_schedule = {"logsnr": ["log_snr", "t_from_log_snr"], "karras": ["sigma", "t_from_sigma"], "window": ["sigma", "t_from_sigma"]}
     require(sde, sampler, "alpha", "std", *by_schedule.get(schedule, []))
-    grid = grid_for(sde, steps, schedule, t_min, **schedule_kwargs)
+    return levels_on(sde, time_grid(sde, steps, schedule, t_min=t_min, **schedule_kwargs), sampler,
+                     f"schedule {schedule!r} gives a non-monotone one")
+
+
+def levels_on(sde: SDE, grid: torch.Tensor, sampler: str, why: str = "") -> Levels:
+    """:class:`Levels` of a given float64 grid of times (any schedule, or one passed in by the user),
+    checking that ``sigma`` is positive, finite and strictly decreasing along it."""
     with unchecked():
         a = sde.alpha(grid)
         s = sde.std(grid)
@@ -91,7 +90,7 @@ def levels(sde: SDE, steps: int, schedule: str, t_min: Optional[float], sampler:
             f"[{float(sig.min()):.3g}, {float(sig.max()):.3g}] (raise t_min?)"
         )
     if not bool((sig[1:] < sig[:-1]).all()):
-        raise ValueError(f"sampler {sampler!r} needs std/alpha strictly decreasing along the grid; schedule {schedule!r} gives a non-monotone one")
+        raise ValueError(f"sampler {sampler!r} needs std/alpha strictly decreasing along the grid" + (f"; {why}" if why else ""))
     lam = -torch.log(sig)
     return Levels(grid.tolist(), a.tolist(), s.tolist(), sig.tolist(), lam.tolist())
 

@@ -54,10 +54,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from scoresde._tensor import append_dims, unchecked
+from scoresde._tensor import append_dims
 
 from .base import Run, check_knobs
-from ._levels import Levels, check_bool, final_denoise, levels, require
+from ._levels import Levels, check_bool, final_denoise, levels, levels_on, require
 
 _MAX_ORDER = 3
 _INV_FACT = [1.0 / math.factorial(j) for j in range(40)]
@@ -242,13 +242,7 @@ def _levels_from_grid(sde: SDE, t_grid, steps: int, t_min: Optional[float], samp
     if t_min is not None and abs(float(t_min) - float(grid[-1])) > 1e-12 * max(1.0, abs(float(t_min))):
         raise ValueError(f"t_min={t_min} disagrees with the end of t_grid ({float(grid[-1])}); leave t_min unset")
     require(sde, sampler, "alpha", "std")
-    with unchecked():
-        a = sde.alpha(grid)
-        s = sde.std(grid)
-    sig = s / a
-    if not bool(torch.isfinite(sig).all()) or not bool((sig > 0).all()) or not bool((sig[1:] < sig[:-1]).all()):
-        raise ValueError(f"sampler {sampler!r} needs 0 < std/alpha < inf, strictly decreasing, along t_grid")
-    return Levels(grid.tolist(), a.tolist(), s.tolist(), sig.tolist(), (-torch.log(sig)).tolist())
+    return levels_on(sde, grid, sampler)
 
 
 def dpm_solver(
