@@ -1,4 +1,4 @@
-"""Plumbing shared by the commands: one-line errors, ``key=value`` parsing, TOML configs, devices.
+"""Plumbing shared by the commands: one-line errors, ``key=value`` parsing, TOML configs, fixed-size model calls.
 
 Nothing here computes anything about diffusion; it turns command-line text into the plain values
 the library functions take, and library exceptions into one-line messages.
@@ -134,13 +134,6 @@ def merge_config(base: Dict[str, Any], layers: List[Dict[str, Any]], known: Sequ
             else:
                 out[k] = v
     return out
-
-
-def resolve_device(name: str):
-    """The library's device resolution (``auto`` picks CUDA when present; ``cuda`` needs a GPU)."""
-    from scoresde.training import resolve_device as _resolve
-
-    return _resolve(name)
 
 
 class FixedChunk:

@@ -25,9 +25,9 @@ import solvers
 from scoresde.data import DATASETS
 from scoresde.networks import PRESETS
 from scoresde.sde import SDES
-from scoresde.training import TrainConfig
+from scoresde.training import TrainConfig, resolve_device
 
-from ._util import FixedChunk, UserError, check_knobs, load_toml, merge_config, parse_pairs, resolve_device, user_errors
+from ._util import FixedChunk, UserError, check_knobs, load_toml, merge_config, parse_pairs, user_errors
 
 # rich_markup_mode=None: plain click output, so a usage error is the usage line and ONE "Error:" line
 app = typer.Typer(
