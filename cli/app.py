@@ -406,13 +406,10 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """What a checkpoint holds: SDE, model, step, EMA, dataset, versions."""
-    from scoresde.checkpoint import checkpoint_info, load_checkpoint
+    from scoresde.checkpoint import checkpoint_info
 
     with user_errors():
         summary = checkpoint_info(checkpoint)
-        config = load_checkpoint(checkpoint).get("config") or {}
-        summary["preset"] = config.get("model")
-        summary["conditional"] = config.get("conditional")
         if as_json:
             typer.echo(json.dumps(summary, indent=2, default=str))
             return

@@ -163,7 +163,8 @@ def load_model(path: PathLike, *, ema: bool = True, device: Any = "cpu") -> Tupl
 
 
 def checkpoint_info(path: PathLike) -> Dict[str, Any]:
-    """A summary: step, dataset, SDE and model configs, whether EMA weights exist, parameter count, versions."""
+    """A summary: step, dataset, preset, conditional, SDE and model configs, whether EMA weights exist,
+    parameter count, versions."""
     state = load_checkpoint(path)
     config = state.get("config") or {}
     n_params = sum(v.numel() for v in (state.get("model") or {}).values() if isinstance(v, torch.Tensor))
@@ -171,6 +172,8 @@ def checkpoint_info(path: PathLike) -> Dict[str, Any]:
         "path": str(path),
         "step": state.get("step"),
         "dataset": config.get("dataset"),
+        "preset": config.get("model"),
+        "conditional": config.get("conditional"),
         "sde": state.get("sde_config"),
         "model": state.get("model_config"),
         "has_ema": bool(state.get("ema")),
