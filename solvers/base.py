@@ -19,8 +19,9 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
-from scoresde._tensor import append_dims, unchecked
+from scoresde._tensor import unchecked
 from scoresde.noise import SampleNoise, as_sample_noise
+from scoresde.parameterization import eps_to_x0
 from scoresde.sde import SDE
 
 Callback = Callable[[Dict[str, Any]], None]
@@ -177,8 +178,7 @@ class Run:
         if eps is None:
             eps = self.eps(x, tb)
         with unchecked():
-            a, s = self.sde.alpha(tb), self.sde.std(tb)
-        return (x - append_dims(s, x.ndim) * eps) / append_dims(a, x.ndim)
+            return eps_to_x0(x, eps, self.sde, tb)
 
     def noise(self, like: torch.Tensor, stream: int) -> torch.Tensor:
         """Standard normal noise shaped like ``like``, drawn per sample; one ``stream`` per draw.

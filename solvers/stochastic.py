@@ -117,13 +117,18 @@ def _norm(v: Tensor) -> Tensor:
     return v.reshape(v.shape[0], -1).norm(dim=1)
 
 
+def _tweedie(x: Tensor, eps: Tensor, alpha: float, std: float) -> Tensor:
+    """``x0 = (x - std eps) / alpha`` with host scalars (the grid's precomputed floats): two passes."""
+    return torch.add(x, eps, alpha=-std).div_(alpha)
+
+
 def _finish(run: Run, grid: _Grid, x: Tensor, denoise_final: bool) -> Tensor:
     """Tweedie denoising at ``t_min`` (one more evaluation), reported as step N at t = 0."""
     if not denoise_final:
         return x
     n = len(grid)
     eps = run.eps(x, grid.tl[n])
-    x0 = torch.add(x, eps, alpha=-grid.stdl[n]).div_(grid.alphal[n])
+    x0 = _tweedie(x, eps, grid.alphal[n], grid.stdl[n])
     run.report(n, 0.0, x0, x0)
     return x0
 
@@ -187,7 +192,7 @@ def _predict(run: Run, g: _Grid, x: Tensor, i: int, abc: Tuple[float, float, flo
     a, b, c = abc
     eps = run.eps(x, g.tl[i])
     x_new = run.noise(x, stream).mul_(c).add_(x, alpha=a).add_(eps, alpha=b)
-    x0 = torch.add(x, eps, alpha=-g.stdl[i]).div_(g.alphal[i]) if run.callback is not None else None
+    x0 = _tweedie(x, eps, g.alphal[i], g.stdl[i]) if run.callback is not None else None
     return x_new, x0
 
 
@@ -216,7 +221,7 @@ def _correct(
     else:  # ald
         e = 2.0 * alpha_i * (snr * s_s) ** 2
         x_new = z.mul_(math.sqrt(2.0 * e)).add_(x).add_(eps, alpha=-e / s_s)
-    x0 = torch.add(x, eps, alpha=-s_s).div_(a_s) if run.callback is not None else None
+    x0 = _tweedie(x, eps, a_s, s_s) if run.callback is not None else None
     return x_new, x0
 
 
@@ -453,7 +458,7 @@ class _TorchsdeReverse(torch.nn.Module):
         x = y.reshape(self.shape)
         eps = self.run.eps(x, t)
         if self.run.callback is not None:  # Tweedie's estimate, only when someone reads it
-            self.last_denoised = (x - s * eps) / a
+            self.last_denoised = _tweedie(x, eps, a, s)
         drift = eps * (-(g * g / s))  # -(f x - g^2 score) = -(g^2 / s) eps - f x, score = -eps / std
         drift.add_(x, alpha=-f)
         out = drift.reshape(y.shape)
