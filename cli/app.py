@@ -68,9 +68,6 @@ class Trace(str, Enum):
 
 _DEFAULTS = TrainConfig()
 _DEFAULTS_DICT = _DEFAULTS.to_dict()
-#: datasets stored as L-level data k/((L-1)/2) - 1, for which bits/dim of the discrete data is defined:
-#: name -> L (the 8x8 digits hold 17 levels, 0..16)
-_LEVELS = {"mnist": 256, "cifar10": 256, "folder": 256, "digits": 17}
 
 
 def _version(value: bool) -> None:
@@ -369,7 +366,7 @@ def likelihood(
         name = cfg.get("dataset")
         root = str(data_root) if data_root is not None else cfg.get("data_root")
         data = load_dataset(name, root=root, n=n, seed=seed, split=_value(split))
-        discrete = name in _LEVELS
+        discrete = data.levels is not None  # L-level data: bits/dim of the discrete data is defined
         _say(quiet, f"{len(data.x)} {name} ({_value(split)}) examples, {_value(method)} rtol={rtol:g} atol={atol:g}, "
                     f"{_value(trace)} trace" + ("" if discrete else " -- continuous density: the data are not discrete levels"))
         gen = torch.Generator(device=dev).manual_seed(seed)
@@ -382,7 +379,7 @@ def likelihood(
             if conditional:
                 opts["model_kwargs"] = {"y": data.y[i : i + batch_size].to(dev)}
             if discrete:
-                res = bits_per_dim(model, sde, xb, generator=gen, levels=_LEVELS[name], **opts)
+                res = bits_per_dim(model, sde, xb, generator=gen, levels=data.levels, **opts)
                 bpd.append(res.bpd.double().cpu())
             else:
                 res = log_likelihood(model, sde, xb, generator=gen, **opts)

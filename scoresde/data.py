@@ -44,6 +44,8 @@ DIGITS_TEST_FRACTION = 0.2
 #: default number of samples drawn from a toy distribution
 TOY_DEFAULT_N = 10_000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+#: number of levels L of each image dataset's stored values: ``x = 2 k / (L - 1) - 1``, ``k in 0..L-1``
+IMAGE_LEVELS = {"digits": 17, "mnist": 256, "cifar10": 256, "folder": 256}
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Dataset:
         flip: apply :func:`random_flip` in :meth:`batches` (images only).
         mixture: the exact :class:`scoresde.GaussianMixture` for ``gmm`` (else None).
         class_names: label names when known (image folders).
+        levels: number of discrete levels L of the stored values (images, :data:`IMAGE_LEVELS`);
+            None for the continuous toys.
     """
 
     x: torch.Tensor
@@ -69,6 +73,7 @@ class Dataset:
     flip: bool = False
     mixture: object = None
     class_names: Optional[list] = field(default=None, repr=False)
+    levels: Optional[int] = None
 
     @property
     def shape(self) -> tuple:
@@ -182,7 +187,7 @@ def _load_digits(root, split: str):
     bunch = load_digits()
     idx = digits_split_indices(split)
     images = bunch.images[idx].reshape(-1, 1, 8, 8)  # values 0..16
-    return _to_unit_range(images, 16.0), torch.from_numpy(bunch.target[idx]).long(), 10, None
+    return _to_unit_range(images, IMAGE_LEVELS["digits"] - 1), torch.from_numpy(bunch.target[idx]).long(), 10, None
 
 
 def _default_root(root) -> Path:
@@ -222,7 +227,7 @@ def _load_mnist(root, split: str):
     labels = read_idx(_find(dirs, names("labels", 1), f"MNIST {split} labels"))
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise ValueError(f"MNIST {split}: images {images.shape} and labels {labels.shape} do not match")
-    return _to_unit_range(images[:, None], 255.0), torch.from_numpy(labels.astype(np.int64)), 10, None
+    return _to_unit_range(images[:, None], IMAGE_LEVELS["mnist"] - 1), torch.from_numpy(labels.astype(np.int64)), 10, None
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -262,7 +267,7 @@ def _load_cifar10(root, split: str):
     parts = [_read_cifar_batch(folder / nm) for nm in names]
     data = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
-    return _to_unit_range(data, 255.0), torch.from_numpy(labels), 10, None
+    return _to_unit_range(data, IMAGE_LEVELS["cifar10"] - 1), torch.from_numpy(labels), 10, None
 
 
 def _load_folder(root, split: str, image_size: Optional[int] = None):
@@ -306,7 +311,7 @@ def _load_folder(root, split: str, image_size: Optional[int] = None):
     if labelled:
         index = {c: i for i, c in enumerate(class_names)}
         y = torch.tensor([index[p.relative_to(base).parts[0]] for p in files], dtype=torch.long)
-    return _to_unit_range(data, 255.0), y, (len(class_names) if labelled else None), class_names
+    return _to_unit_range(data, IMAGE_LEVELS["folder"] - 1), y, (len(class_names) if labelled else None), class_names
 
 
 _IMAGES: dict[str, Callable] = {"digits": _load_digits, "mnist": _load_mnist, "cifar10": _load_cifar10, "folder": _load_folder}
@@ -355,4 +360,5 @@ def load_dataset(
             raise ValueError(f"n={n} exceeds the {x.shape[0]} examples of {name!r} ({split})")
         keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:n].sort().values
         x, y = x[keep], (y[keep] if y is not None else None)
-    return Dataset(x=x.contiguous(), y=y, num_classes=k, name=name, is_image=True, flip=bool(flip), class_names=class_names)
+    return Dataset(x=x.contiguous(), y=y, num_classes=k, name=name, is_image=True, flip=bool(flip), class_names=class_names,
+                   levels=IMAGE_LEVELS[name])
