@@ -20,6 +20,7 @@ atomically), ``metrics.jsonl`` (one JSON object per logged step) and ``samples_X
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,9 +44,11 @@ from .sde import SDES, sde_from_config
 
 LR_SCHEDULES = ("constant", "cosine")
 
-#: fields that may differ between a run and its resumption (they do not change what is computed
-#: at a given step, except ``steps``/``max_minutes``, which only move the end)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+#: fields that may differ between a run and its resumption (they do not change what is computed
+#: at a given step, except ``steps``/``max_minutes``, which only move the end, and the numerics
+#: knobs ``amp``/``tf32``/``compile*``, which round differently but compute the same step)
 _RESUMABLE_CHANGES = {"steps", "max_minutes", "out_dir", "device", "log_every", "sample_every", "ckpt_every",
                       "sample_steps", "sampler", "num_samples", "num_workers", "compile",
                       "compile_mode", "tf32", "amp"}
@@ -531,7 +534,7 @@ class _Run:
         gnorm_last = torch.zeros((), device=self.device)
         stopped_by = "steps"
         budget = None if cfg.max_minutes is None else 60.0 * cfg.max_minutes
-        with open(self.out / "metrics.jsonl", "a") if main else _nullcontext() as log:
+        with open(self.out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as log:
             while self.step < cfg.steps:
                 if budget is not None:
                     over = time.perf_counter() - start >= budget
@@ -592,14 +595,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
             pass
         kept.append(line)
     path.write_text("".join(l + "\n" for l in kept))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _version() -> str:
