@@ -139,7 +139,7 @@ def run_ours(mixture, z, refs: References, nfe: int, variants: bool = True) -> L
 
                 ref = reference_solution(model, sde, z, t_min=t_end, denoise=False)
             label = name + "".join(f" {k}={v}" for k, v in knobs.items())
-            rows.append(dict(library="ours", solver=label, nfe=counted.nfe, err=P.rms(x, ref), err_std=P.rms_with_std(x, ref)[1]))
+            rows.append(dict(library="ours", solver=label, nfe=counted.nfe, **_err(x, ref)))
     return rows
 
 
@@ -153,6 +153,12 @@ def _most_steps(cost: Callable[[int], int], nfe: int) -> Optional[int]:
         if c > 0:
             best = n
     return best
+
+
+def _err(x: torch.Tensor, ref: torch.Tensor) -> dict:
+    """``err`` (RMS) and ``err_std`` (its bootstrap standard deviation) of a row, from one pass."""
+    err, err_std = P.rms_with_std(x, ref)
+    return dict(err=err, err_std=err_std)
 
 
 def _accepts(name: str, knobs: dict) -> bool:
@@ -201,7 +207,7 @@ def run_kdiffusion(mixture, z, refs: References, nfe: int) -> List[dict]:
         if n_best is None:
             continue
         out = run(n_best, z)
-        rows.append(dict(library="k-diffusion", solver=name, nfe=calls[0], err=P.rms(out, ref), err_std=P.rms_with_std(out, ref)[1]))
+        rows.append(dict(library="k-diffusion", solver=name, nfe=calls[0], **_err(out, ref)))
     return rows
 
 
@@ -288,7 +294,7 @@ def run_diffusers(mixture, z, refs: References, nfe: int) -> List[dict]:
             ref = refs.get(seen[0], final_sigma, denoise=False)
         else:  # ends with x0: the sigma -> 0 limit, Tweedie at the bottom of the training range
             ref = refs.get(seen[0], sigma_bottom)
-        rows.append(dict(library="diffusers", solver=label, nfe=len(seen), err=P.rms(out, ref), err_std=P.rms_with_std(out, ref)[1]))
+        rows.append(dict(library="diffusers", solver=label, nfe=len(seen), **_err(out, ref)))
     return rows
 
 
