@@ -218,9 +218,9 @@ class SampleNoise:
         ``c = (0, 2, ..., 2 n - 2, 1, 3, ..., 2 n - 1)`` (radius words first, then phase words)."""
         dev = _CPU if device is None else torch.device(device)
         b = self._bases(stream, count, dev)
-        w = _hash32_(b[:, :, 0:1] ^ _counter_words(n_pairs, dev))
-        tmp = torch.empty_like(w)
-        return _hash32_(w.bitwise_xor_(b[:, :, 1:2]), tmp)
+        w = b[:, :, 0:1] ^ _counter_words(n_pairs, dev)
+        tmp = torch.empty_like(w)  # one scratch buffer for both rounds
+        return _hash32_(_hash32_(w, tmp).bitwise_xor_(b[:, :, 1:2]), tmp)
 
     def randn_streams(
         self,
