@@ -155,7 +155,7 @@ def calibrate_grid(
     x_T = sde.prior_std * noise.randn(shape, 0, device=device, dtype=dtype)
     counted = CountingModel(model)
     chunk = pilot_samples if batch_size is None else max(1, int(batch_size))
-    solve_kw = {k: v for k, v in knobs.items()}
+    solve_kw = dict(knobs)
     mk = dict(model_kwargs or {})
 
     def solve(n: int, t_grid: Optional[List[float]]) -> torch.Tensor:
@@ -169,7 +169,7 @@ def calibrate_grid(
         return torch.cat(outs)
 
     with torch.no_grad():
-        ref = solve(pilot_steps, None)
+        ref = solve(pilot_steps, None).to(torch.float64)  # the accurate pilot endpoints, converted once
 
         def to_times(knot_values: Sequence[float]) -> List[float]:
             lam = torch.tensor(warp_grid(fine.lam, knot_values, steps), dtype=torch.float64)
@@ -177,19 +177,15 @@ def calibrate_grid(
             t[0], t[-1] = t_first, t_last
             return t.tolist()
 
-        def mse(knot_values: Sequence[float]) -> float:
-            x = solve(steps, to_times(knot_values))
-            return float((x.to(torch.float64) - ref.to(torch.float64)).pow(2).mean())
-
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(desc=f"calibrating a {steps}-step grid", unit="grid", leave=False)
-        fit_mse = mse
 
-        def mse(knot_values: Sequence[float]) -> float:  # noqa: F811 (the counted, reported version)
-            v = fit_mse(knot_values)
+        def mse(knot_values: Sequence[float]) -> float:
+            x = solve(steps, to_times(knot_values))
+            v = float((x.to(torch.float64) - ref).pow(2).mean())
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(rms=f"{math.sqrt(v):.3g}")
