@@ -367,7 +367,8 @@ def dpm_solver(
             y, x0 = local_gaussian_step(y, evals[0], evals[1], lv.sigma[n])
         else:
             y = advance(decays[i], y, pred_w[i], ds)
-        run.report(i, lv.t[i + 1], lv.alpha[i + 1] * y, d)
+        # x = alpha y is finite iff y is (alpha > 0): build x only when a callback will read it
+        run.report(i, lv.t[i + 1], lv.alpha[i + 1] * y if run.callback is not None else y, d)
     if not denoise:
         return lv.alpha[n] * y
     if x0 is not None:
