@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -432,13 +432,24 @@ class _TorchsdeReverse(torch.nn.Module):
         self.run, self.sde_, self.shape, self.sde_type = run, sde, shape, sde_type
         self._memo: Optional[Tuple[Tensor, float, Tensor]] = None
         self._coeff_memo: Dict[float, Tuple[float, float, float, float, float]] = {}
+        self._grid_coeffs: Dict[float, Tuple[float, float, float, float, float]] = {}
         self.last_denoised: Optional[Tensor] = None
 
+    def precompute(self, taus: Sequence[float]) -> None:
+        """Coefficients at the step times ``taus`` in one vectorised call each (asked for one time at
+        a time they cost more host time per step than the rest of the step outside the network)."""
+        t = (self.sde_.T - torch.tensor(list(taus), dtype=torch.float64)).clamp(0.0, self.sde_.T)
+        with unchecked():
+            a, s = self.sde_.alpha(t), self.sde_.std(t)
+            f, g = self.sde_.sde(torch.ones(len(t), 1, dtype=torch.float64), t)
+        for row in zip(taus, t.tolist(), a.tolist(), s.tolist(), f[:, 0].tolist(), g.tolist()):
+            self._grid_coeffs[float(row[0])] = row[1:]
+
     def _coeffs(self, tau: Tensor) -> Tuple[float, float, float, float, float]:
-        """``(t, alpha, std, f, g)`` at ``t = T - tau``; memoised per ``tau`` (torchsde asks for f and
-        g at the same times, and its contract check asks again on every call)."""
+        """``(t, alpha, std, f, g)`` at ``t = T - tau``: precomputed at the step times, memoised
+        elsewhere (torchsde asks for f and g at the same times, and its contract check asks again)."""
         key = float(tau)
-        hit = self._coeff_memo.get(key)
+        hit = self._grid_coeffs.get(key) or self._coeff_memo.get(key)
         if hit is not None:
             return hit
         t = torch.as_tensor(self.sde_.T - key, dtype=torch.float64).clamp(0.0, self.sde_.T)
@@ -578,6 +589,7 @@ def sde(
     shape = x_T.shape
     y = x_T.reshape(shape[0], -1)
     rsde = _TorchsdeReverse(run, sde, shape, TORCHSDE_METHODS[method])
+    rsde.precompute(taus)
     levy = {"srk": "space-time"}.get(method, "none")
     bm_all = None
     if brownian == "interval":
@@ -600,18 +612,18 @@ def sde(
             stream += n_sub
         else:
             bm = bm_all
-        ys, extra = stepper(
+        y, extra = stepper(
             y, torch.tensor([tau0, tau1], dtype=torch.float64), bm,
             h * (1 + 1e-10),  # the solver clips its last step at tau1: no sliver step from rounding
             extra,
         )
-        y = ys[-1]
         run.report(k, float(grid.t[k + 1]), y.reshape(shape), _reshape(rsde.last_denoised, shape))
     return _finish(run, grid, y.reshape(shape), opts["denoise_final"])
 
 
 class _TorchsdeStepper:
-    """``torchsde.sdeint`` over one report interval at a time, paying its set-up once.
+    """``torchsde.sdeint`` over one report interval at a time, paying its set-up once; returns the
+    state at the interval's end and the solver's extra state.
 
     Every ``sdeint`` call re-runs ``check_contract`` (shape checks that evaluate the drift and
     diffusion and draw a full-size ``torch.randn``) and builds a solver: ~1.6 ms per interval at
@@ -631,9 +643,10 @@ class _TorchsdeStepper:
     def _sdeint(self, y: Tensor, ts: Tensor, bm: Any, dt: float, extra: Any):
         import torchsde
 
-        return torchsde.sdeint(self.rsde, y, ts, bm=bm, method=self.method, dt=dt, adaptive=self.adaptive,
-                               rtol=self.rtol, atol=self.atol, dt_min=self.dt_min, extra=True,
-                               extra_solver_state=extra)
+        ys, extra = torchsde.sdeint(self.rsde, y, ts, bm=bm, method=self.method, dt=dt, adaptive=self.adaptive,
+                                    rtol=self.rtol, atol=self.atol, dt_min=self.dt_min, extra=True,
+                                    extra_solver_state=extra)
+        return ys[-1], extra
 
     def __call__(self, y: Tensor, ts: Tensor, bm: Any, dt: float, extra: Any):
         if not self.fast:
@@ -654,7 +667,18 @@ class _TorchsdeStepper:
         self.solver.bm, self.solver.dt = bm, dt
         if extra is None:
             extra = self.solver.init_extra_solver_state(ts[0], y)
-        return self.solver.integrate(y, ts, extra)
+        if self.adaptive:
+            ys, extra = self.solver.integrate(y, ts, extra)
+            return ys[-1], extra
+        # Fixed steps: the loop of ``integrate`` without its output interpolation, which at an output
+        # time equal to the last step's end is ``0 * y_prev + 1 * y`` (three passes over the state)
+        # followed by a stack of both states (a copy): the same numbers for finite states.
+        t, t_end = ts[0], ts[-1]
+        while t < t_end:
+            t_next = min(t + dt, t_end)
+            y, extra = self.solver.step(t, t_next, y, extra)
+            t = t_next
+        return y, extra
 
 
 def _reshape(v: Optional[Tensor], shape: torch.Size) -> Optional[Tensor]:
