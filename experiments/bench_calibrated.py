@@ -3,13 +3,16 @@ and against the best peer (k-diffusion / diffusers, from the CSVs of ``bench_pee
 
     PYTHONPATH=. .venv/bin/python experiments/bench_calibrated.py [--nfe 10 20] [--n 2000] [--seed 0]
 
-Per problem and NFE: calibrate a grid on a pilot of ``--pilot`` samples drawn from the fixed
-``pilot_seed`` (7919, never the evaluation noise), then run ``dpm_solver`` with default knobs on
+Per problem and NFE: calibrate a grid on a screen of ``--pilot`` starts drawn from the fixed
+``pilot_seed`` (7919, never the evaluation noise; see ``solvers.calibrate`` for the stratified
+pilot and the validation half), then run ``dpm_solver`` with default knobs on
 the default grid and on the calibrated grid from ``starting_noise(dim, n, seed)`` (the benchmark's
 ``z``) and measure the RMS endpoint error against the same reference as ``bench_peers.py``
 (``solvers._reference.reference_solution``, dopri5 at 1e-9, Tweedie at ``t_min``). The pilot's cost
 is reported separately (``pilot_cost``: network evaluations x samples, paid once per grid); the
-sampling itself costs exactly NFE per sample. Writes ``docs/results/calibrated.csv``.
+sampling itself costs exactly NFE per sample. Writes ``docs/results/calibrated.csv``. A grid does
+not depend on the evaluation noise, so ``--grid-cache DIR`` keeps each one (JSON) for reruns on
+another ``--seed`` / ``--n`` (pass the peers' CSVs measured on that same noise with ``--peers``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import math
 import os
 import sys
 import time
+import dataclasses
+import json
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -54,7 +59,8 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--nfe", type=int, nargs="+", default=[10, 20])
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pilot", type=int, default=8000, help="pilot samples")
+    ap.add_argument("--pilot", type=int, default=64000, help="starts screened by calibrate_grid (pilot_samples)")
+    ap.add_argument("--grid-cache", default=None, help="directory to keep calibrated grids in (JSON)")
     ap.add_argument("--peers", nargs="+", default=[os.path.join(RESULTS, "peers.csv"), os.path.join(RESULTS, "peers_heldout.csv")],
                     help="bench_peers CSVs with the peers' errors on the same (n, seed)")
     ap.add_argument("--ref-cache", default=None, help="directory to keep reference solutions in")
@@ -77,8 +83,19 @@ def main(argv: Optional[list] = None) -> None:
                 torch.save(ref, cache)
         for nfe in args.nfe:
             t0 = time.time()
-            grid = solvers.calibrate_grid(model, sde, (mixture.dim,), steps=nfe, pilot_samples=args.pilot, dtype=P.DTYPE)
-            secs = time.time() - t0
+            gpath = args.grid_cache and os.path.join(args.grid_cache, f"{pname}_{nfe}_{args.pilot}.json")
+            if gpath and os.path.exists(gpath):
+                with open(gpath) as f:
+                    saved = json.load(f)
+                secs = float(saved.pop("_seconds"))
+                grid = solvers.CalibratedGrid(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+            else:
+                grid = solvers.calibrate_grid(model, sde, (mixture.dim,), steps=nfe, pilot_samples=args.pilot, dtype=P.DTYPE)
+                secs = time.time() - t0
+                if gpath:
+                    os.makedirs(args.grid_cache, exist_ok=True)
+                    with open(gpath, "w") as f:
+                        json.dump({**dataclasses.asdict(grid), "_seconds": secs}, f)
             x_def = solvers.SAMPLERS["dpm_solver"](model, sde, z.clone(), steps=nfe)
             res = solvers.sample(model, sde, x_T=z.clone(), sampler="dpm_solver", steps=nfe, t_grid=grid)
             e_def, s_def = P.rms_with_std(x_def, ref)
@@ -88,12 +105,14 @@ def main(argv: Optional[list] = None) -> None:
             row = dict(problem=pname, dim=mixture.dim, n=args.n, seed=args.seed, nfe=res.nfe, err_default=e_def, std_default=s_def,
                        err_calibrated=e_cal, std_calibrated=s_cal, best_peer=peer[0], best_peer_solver=peer[1],
                        ratio_default=peer[0] / e_def, ratio_calibrated=peer[0] / e_cal, pilot_samples=grid.pilot_samples,
-                       pilot_rms_default=grid.default_rms, pilot_rms=grid.pilot_rms, grids_tried=grid.grids_tried,
+                       pilot_rms_default=grid.default_rms, pilot_rms=grid.pilot_rms, validation_rms_default=grid.validation_default_rms,
+                       validation_rms=grid.validation_rms, accurate_samples=grid.accurate_samples, grids_tried=grid.grids_tried,
                        pilot_cost=grid.pilot_cost, calib_seconds=secs, knots=" ".join(f"{k:g}" for k in grid.knots),
                        sigmas=" ".join(f"{s:.3g}" for s in sig))
             rows.append(row)
             print(f"{pname:13s} NFE {nfe:2d}: default {e_def:.4f} calibrated {e_cal:.4f} (x{e_def / e_cal:.2f}); best peer {peer[0]:.4f} "
                   f"-> ratio {peer[0] / e_def:.2f}x / {peer[0] / e_cal:.2f}x; pilot {grid.default_rms:.4f}->{grid.pilot_rms:.4f}, "
+                  f"validation {grid.validation_default_rms:.4f}->{grid.validation_rms:.4f}, "
                   f"{grid.grids_tried} grids, cost {grid.pilot_cost / 1e6:.1f}M sample-NFE, {secs:.0f}s", flush=True)
     for nfe in args.nfe:
         at = [r for r in rows if r["nfe"] == nfe]
