@@ -60,6 +60,7 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pilot", type=int, default=64000, help="starts screened by calibrate_grid (pilot_samples)")
+    ap.add_argument("--knots", type=int, default=None, help="calibrate_grid's knots (default: its own)")
     ap.add_argument("--grid-cache", default=None, help="directory to keep calibrated grids in (JSON)")
     ap.add_argument("--peers", nargs="+", default=[os.path.join(RESULTS, "peers.csv"), os.path.join(RESULTS, "peers_heldout.csv")],
                     help="bench_peers CSVs with the peers' errors on the same (n, seed)")
@@ -83,14 +84,17 @@ def main(argv: Optional[list] = None) -> None:
                 torch.save(ref, cache)
         for nfe in args.nfe:
             t0 = time.time()
-            gpath = args.grid_cache and os.path.join(args.grid_cache, f"{pname}_{nfe}_{args.pilot}.json")
+            extra = {} if args.knots is None else {"knots": args.knots}
+            tag = "" if args.knots is None else f"_k{args.knots}"
+            gpath = args.grid_cache and os.path.join(args.grid_cache, f"{pname}_{nfe}_{args.pilot}{tag}.json")
             if gpath and os.path.exists(gpath):
                 with open(gpath) as f:
                     saved = json.load(f)
                 secs = float(saved.pop("_seconds"))
                 grid = solvers.CalibratedGrid(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
             else:
-                grid = solvers.calibrate_grid(model, sde, (mixture.dim,), steps=nfe, pilot_samples=args.pilot, dtype=P.DTYPE)
+                grid = solvers.calibrate_grid(model, sde, (mixture.dim,), steps=nfe, pilot_samples=args.pilot, dtype=P.DTYPE,
+                                              **extra)
                 secs = time.time() - t0
                 if gpath:
                     os.makedirs(args.grid_cache, exist_ok=True)
