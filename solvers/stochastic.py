@@ -530,6 +530,10 @@ class _SampleBrownian:
         return w, h * (0.5 * w + math.sqrt(h / 12.0) * z_h)
 
 
+#: torchsde methods whose step only adds, subtracts and multiplies by the time (srk and milstein call
+#: ``dt.sqrt()``, so they get 0-d tensors as torchsde's own loop gives them).
+_FLOAT_TIME_METHODS = frozenset({"euler", "heun", "euler_heun", "midpoint"})
+
 _ENTROPY_STREAM = 0x7FFF0000  # far above the streams the step loop uses
 # Levy-area noise (SRK) of the W cell with stream k is stream _LEVY_STREAMS + k, so the W streams run
 # 0, 1, 2, ... in order and Run.noise can draw them ahead in blocks.
@@ -674,6 +678,8 @@ class _TorchsdeStepper:
         # time equal to the last step's end is ``0 * y_prev + 1 * y`` (three passes over the state)
         # followed by a stack of both states (a copy): the same numbers for finite states.
         t, t_end = ts[0], ts[-1]
+        if self.method in _FLOAT_TIME_METHODS:  # no tensor arithmetic on the time: Python floats, same numbers
+            t, t_end, dt = float(t), float(t_end), float(dt)
         while t < t_end:
             t_next = min(t + dt, t_end)
             y, extra = self.solver.step(t, t_next, y, extra)
