@@ -28,7 +28,7 @@ model is only *called*, never inspected (no mixture parameters, no data):
    cannot be fitted to individual pilot trajectories (free per-point grids were: they lowered the
    pilot's error 100-fold at 20 NFE and not the error on fresh noise). On ten mixtures, 10 knots
    against 6 lowered the geometric-mean RMS endpoint error on fresh noise at 10 NFE by ~10 % and at
-   20 NFE by ~40 %, for ~1.5 times the fitting cost.
+   20 NFE by ~33 %, for ~1.5 times the fitting cost.
 4. **Fit.** Coordinate descent on the knot values (steps of +-0.5, halved down to 0.0625) minimising
    the fit half's estimated mean squared endpoint error of the ``N``-step solver against its
    accurate endpoints -- the measure the solver is judged by, mode switches included.
@@ -39,7 +39,7 @@ model is only *called*, never inspected (no mixture parameters, no data):
 Cost, paid once per ``(model, sde, sample shape, N)``, in sample-NFE: ``pilot_samples x 5N`` for the
 screen, ``(at_risk x pilot_samples + 2 typical_samples) x pilot_steps`` for the accurate solves
 and ``(at_risk x pilot_samples / 2 + typical_samples) x N`` per grid tried (typically 150-450):
-e.g. 11-20 M at N = 10 and 19-37 M at N = 20 with the defaults, the cost of sampling ~1-2 M
+e.g. 10-20 M at N = 10 and 19-64 M at N = 20 with the defaults, the cost of sampling ~1-2 M
 samples. The
 result, a :class:`CalibratedGrid`, states it (``pilot_cost``) and is passed to the sampler as
 ``dpm_solver(..., steps=N, t_grid=grid)``; sampling itself then costs exactly ``N`` NFE. Use
