@@ -232,3 +232,21 @@ def test_grid_cache_fits_once_per_steps():
     assert cache(4) is g and counted.nfe == n
     assert cache(5).steps == 5 and counted.nfe > n
     assert "calibrate_grid" in dir(solvers) and solvers.calibrate_grid is calibrate_grid
+
+
+def test_image_shaped_samples_give_the_grid_of_their_flattened_problem():
+    """Calibration works on any sample rank: isotropic Gaussian data of shape (2, 3, 3) and the same
+    data flattened to (18,) are one problem, drawn from the same per-element noise, so the fitted
+    grids must be identical."""
+    sde = VPSDE()
+    mu = torch.linspace(-1.0, 1.0, 18, dtype=F64)
+    flat = GaussianMixture.gaussian(mu, S).eps_model(sde)
+
+    def image_model(x, t):
+        return flat(x.reshape(x.shape[0], -1), t).reshape(x.shape)
+
+    kw = dict(steps=5, pilot_samples=64, typical_samples=16, pilot_steps=40, max_sweeps=3, dtype=F64, **COARSE)
+    a = calibrate_grid(flat, sde, (18,), **kw)
+    b = calibrate_grid(image_model, sde, (2, 3, 3), **kw)
+    assert a.knots == b.knots and a.t == pytest.approx(b.t, abs=1e-12)
+    assert b.validation_rms == pytest.approx(a.validation_rms, rel=1e-9)
