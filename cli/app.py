@@ -226,6 +226,7 @@ def sample(
     eta: Optional[float] = typer.Option(None, min=0.0, help="DDIM noise knob (0: deterministic).", show_default="0.0"),
     order: Optional[int] = typer.Option(None, min=1, max=3, help="DPM-Solver++ order knob.", show_default="3"),
     denoise_final: Optional[bool] = typer.Option(None, "--denoise-final/--no-denoise-final", help="Final Tweedie denoising step knob.", show_default="True"),
+    grid: Optional[Path] = typer.Option(None, help="dpm_solver on a time grid fitted by `scoresde calibrate` (its steps and knobs).", show_default="none"),
     num_samples: int = typer.Option(64, "--num-samples", "-n", min=1, help="Number of samples."),
     batch_size: int = typer.Option(64, min=1, help="Samples per batch (the output does not depend on it)."),
     chunk: Optional[int] = typer.Option(None, min=0, show_default="16 on CPU, 512 on CUDA", help="Network calls are made on exactly this many samples (padded), so outputs are bit-identical for any --batch-size; 0: call on the whole batch (fastest, last-bit rounding then depends on the batch size)."),
@@ -254,6 +255,9 @@ def sample(
         common = {"schedule": schedule, "t_min": t_min, "eta": eta, "order": order, "denoise_final": denoise_final}
         knobs.update({k: v for k, v in common.items() if v is not None})
         check_knobs(name, knobs, allowed)
+        fitted = None
+        if grid is not None:
+            steps, knobs, fitted = _with_grid(grid, name, steps, knobs)
         tensors = tensors if tensors is not None else out.with_suffix(".npz")
         if tensors.suffix not in (".npz", ".pt"):
             raise UserError(f"--tensors must end in .npz or .pt; got {tensors}")
@@ -288,7 +292,7 @@ def sample(
                 b = min(batch_size, num_samples - offset)
                 # per-sample noise keyed by the sample's global index: batch size does not matter
                 noise = SampleNoise(seed, torch.arange(offset, offset + b))
-                kw = dict(knobs)
+                kw = dict(knobs) if fitted is None else {**knobs, "t_grid": fitted}
                 if label is not None:
                     kw["model_kwargs"] = {"y": torch.full((b,), label, dtype=torch.long, device=dev)}
                 keep = trajectory is not None and offset == 0
@@ -304,7 +308,8 @@ def sample(
         out.parent.mkdir(parents=True, exist_ok=True)
         save_sample_grid(x, out, title=f"{name}, {steps_used} steps")
         meta = {"sampler": name, "steps": steps_used, "seed": seed, "nfe": nfe, "checkpoint": str(checkpoint),
-                "label": -1 if label is None else label, "guidance": guidance, "knobs": json.dumps(knobs, default=str)}
+                "label": -1 if label is None else label, "guidance": guidance, "knobs": json.dumps(knobs, default=str),
+                "grid": "" if grid is None else str(grid)}
         tensors.parent.mkdir(parents=True, exist_ok=True)
         if tensors.suffix == ".npz":
             import numpy as np
@@ -324,6 +329,79 @@ def sample(
         typer.echo(f"tensors: {tensors}")
         if trajectory is not None:
             typer.echo(f"trajectory: {trajectory}")
+
+
+def _with_grid(path: Path, sampler: str, steps: Optional[int], knobs: Dict[str, Any]):
+    """``(steps, knobs, grid)`` for sampling on the calibrated grid at ``path``: its steps and the
+    knobs it was fitted with; a clash with what the user asked for is an error, not a silent override."""
+    if sampler != "dpm_solver":
+        raise UserError(f"--grid is a dpm_solver time grid; got --sampler {sampler}")
+    try:
+        fitted = solvers.CalibratedGrid.load(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if steps is not None and steps != fitted.steps:
+        raise UserError(f"--grid {path} was fitted for {fitted.steps} steps; got --steps {steps}")
+    if "schedule" in knobs or "t_min" in knobs:
+        raise UserError("--grid fixes the time grid; drop --schedule / --t-min")
+    used = {**solvers.SAMPLER_KNOBS["dpm_solver"], **fitted.knobs}  # what the fit ran with, defaults included
+    clash = {k: (v, used[k]) for k, v in knobs.items() if k in used and used[k] != v}
+    if clash:
+        raise UserError(f"--grid {path} was fitted with other knobs: {clash} (asked, fitted)")
+    return fitted.steps, {**fitted.knobs, **knobs}, fitted
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def calibrate(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint file written by `scoresde train`."),
+    steps: int = typer.Option(..., min=2, help="NFE the grid is fitted for (sample with the same --steps)."),
+    out: Path = typer.Option(Path("grid.json"), "--out", "-o", help="JSON file for the grid (read by `sample --grid`)."),
+    pilot_samples: int = typer.Option(64000, min=4, help="Starts screened: half to fit, half to validate."),
+    typical_samples: int = typer.Option(2000, min=1, help="Starts per half standing for those not at risk."),
+    pilot_steps: int = typer.Option(200, min=2, help="Steps of the accurate solves the grid is fitted against."),
+    knob: Optional[List[str]] = typer.Option(None, "--knob", "-k", metavar="KEY=VALUE", help="dpm_solver knob key=value, repeatable (not schedule / t_grid).", show_default="none"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Samples per network call.", show_default="512 on CUDA, 256 on CPU"),
+    seed: int = typer.Option(7919, min=0, help="Seed of the pilot's starts (never the sampling noise)."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Fit to the EMA weights (or the raw trained ones)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto picks CUDA when present)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or chatter."),
+) -> None:
+    """Fit a dpm_solver time grid to a checkpoint (after "Align Your Steps"); a one-off cost of
+    ~10-60 M sample-NFE (prints it), after which `sample --grid` costs exactly --steps NFE."""
+    import torch
+
+    with user_errors():
+        knobs = parse_pairs(knob, "--knob")
+        check_knobs("dpm_solver", knobs, solvers.SAMPLER_KNOBS["dpm_solver"])
+        if pilot_steps < steps:
+            raise UserError(f"--pilot-steps must be at least --steps ({steps}); got {pilot_steps}")
+        if out.suffix.lower() != ".json":
+            raise UserError(f"--out must be a .json file; got {out}")
+        model, sde, cfg, dev = _load(checkpoint, ema, device)
+        if getattr(model, "num_classes", None) is not None:
+            raise UserError("calibrate fits unconditional models only (this checkpoint is class-conditional)")
+        shape = model_shape(model.config)
+        batch = batch_size or (512 if dev.type == "cuda" else 256)
+        _say(quiet, f"calibrating a {steps}-step dpm_solver grid on {pilot_samples} starts, {dev}")
+        start = time.perf_counter()
+        try:
+            fitted = solvers.calibrate_grid(model, sde, shape, steps=steps, pilot_samples=pilot_samples,
+                                            typical_samples=typical_samples, pilot_steps=pilot_steps, pilot_seed=seed,
+                                            batch_size=batch, device=dev, progress=not quiet, **knobs)
+        except (TypeError, ValueError) as e:
+            raise UserError(str(e)) from None
+        wall = time.perf_counter() - start
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fitted.save(out)
+        sig = sde.sigma(torch.tensor(fitted.t, dtype=torch.float64)).tolist()
+        typer.echo(f"sigma grid: {' '.join(f'{v:.3g}' for v in sig)}")
+        typer.echo(f"RMS endpoint error, validation half: default grid {fitted.validation_default_rms:.4g}, "
+                   f"this grid {fitted.validation_rms:.4g}")
+        typer.echo(f"cost: {fitted.pilot_cost / 1e6:.3g} M sample-NFE, {fitted.grids_tried} grids tried, {wall:.1f} s")
+        typer.echo(f"grid: {out}  (scoresde sample {checkpoint} --grid {out})")
 
 
 def model_shape(mc: Dict[str, Any]) -> tuple:

@@ -23,8 +23,6 @@ import math
 import os
 import sys
 import time
-import dataclasses
-import json
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -88,18 +86,18 @@ def main(argv: Optional[list] = None) -> None:
             tag = "" if args.knots is None else f"_k{args.knots}"
             gpath = args.grid_cache and os.path.join(args.grid_cache, f"{pname}_{nfe}_{args.pilot}{tag}.json")
             if gpath and os.path.exists(gpath):
-                with open(gpath) as f:
-                    saved = json.load(f)
-                secs = float(saved.pop("_seconds"))
-                grid = solvers.CalibratedGrid(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+                grid = solvers.CalibratedGrid.load(gpath)
+                with open(gpath + ".seconds") as f:
+                    secs = float(f.read())
             else:
                 grid = solvers.calibrate_grid(model, sde, (mixture.dim,), steps=nfe, pilot_samples=args.pilot, dtype=P.DTYPE,
                                               **extra)
                 secs = time.time() - t0
                 if gpath:
                     os.makedirs(args.grid_cache, exist_ok=True)
-                    with open(gpath, "w") as f:
-                        json.dump({**dataclasses.asdict(grid), "_seconds": secs}, f)
+                    grid.save(gpath)
+                    with open(gpath + ".seconds", "w") as f:
+                        f.write(f"{secs}")
             x_def = solvers.SAMPLERS["dpm_solver"](model, sde, z.clone(), steps=nfe)
             res = solvers.sample(model, sde, x_T=z.clone(), sampler="dpm_solver", steps=nfe, t_grid=grid)
             e_def, s_def = P.rms_with_std(x_def, ref)

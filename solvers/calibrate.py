@@ -48,7 +48,10 @@ result, a :class:`CalibratedGrid`, states it (``pilot_cost``) and is passed to t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -97,6 +100,27 @@ class CalibratedGrid:
     grids_tried: int
     network_calls: int
     knobs: Dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the grid and everything about its fit as JSON (read back with :meth:`load`)."""
+        with open(path, "w") as f:
+            json.dump({"format": "scoresde.CalibratedGrid/1", **dataclasses.asdict(self)}, f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibratedGrid":
+        """Read a grid written by :meth:`save`; a clear ``ValueError`` for anything else."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read a calibrated grid from {path}: {e}") from None
+        if not isinstance(data, dict) or data.pop("format", None) != "scoresde.CalibratedGrid/1":
+            raise ValueError(f"{path} is not a calibrated grid written by CalibratedGrid.save")
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(data) != names:
+            raise ValueError(f"{path}: calibrated grid fields {sorted(set(data) ^ names)} missing or unknown")
+        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("knobs").items()}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}, knobs=knobs)
 
 
 def warp_grid(base_lam: Sequence[float], knots: Sequence[float], steps: int) -> List[float]:

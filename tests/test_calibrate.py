@@ -250,3 +250,20 @@ def test_image_shaped_samples_give_the_grid_of_their_flattened_problem():
     b = calibrate_grid(image_model, sde, (2, 3, 3), **kw)
     assert a.knots == b.knots and a.t == pytest.approx(b.t, abs=1e-12)
     assert b.validation_rms == pytest.approx(a.validation_rms, rel=1e-9)
+
+
+def test_save_and_load_round_trip(calibrated, tmp_path):
+    sde, model, grid = calibrated
+    path = tmp_path / "grid.json"
+    grid.save(path)
+    back = CalibratedGrid.load(path)
+    assert back == grid
+    x_T = fresh_noise(sde, 8)
+    a = DETERMINISTIC["dpm_solver"](model, sde, x_T, steps=6, t_grid=grid, **COARSE)
+    b = DETERMINISTIC["dpm_solver"](model, sde, x_T, steps=6, t_grid=back, **back.knobs)
+    assert torch.equal(a, b)
+    (tmp_path / "bad.json").write_text('{"t": [1, 0]}')
+    with pytest.raises(ValueError, match="not a calibrated grid"):
+        CalibratedGrid.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="cannot read"):
+        CalibratedGrid.load(tmp_path / "missing.json")

@@ -231,3 +231,29 @@ def test_vector_data_end_to_end(tmp_path):
     result = ok(invoke("likelihood", out / "checkpoint.pt", "--n", 4, "--trace", "exact", "--rtol", "1e-3",
                        "--atol", "1e-3", "--quiet"))
     assert "continuous density" in result.output
+
+
+def test_calibrate_then_sample_on_the_grid(run, tmp_path):
+    """`calibrate` writes a grid JSON (small pilot: the path, not the fit, is under test); `sample
+    --grid` runs dpm_solver on it at exactly its steps, and every mismatch is a one-line error."""
+    ckpt, grid = run / "checkpoint.pt", tmp_path / "grid.json"
+    result = ok(invoke("calibrate", ckpt, "--steps", 3, "--out", grid, "--pilot-samples", 16, "--typical-samples", 4,
+                       "--pilot-steps", 6, "--device", "cpu", "--quiet"))
+    assert "M sample-NFE" in result.output and "validation half" in result.output
+    fitted = solvers.CalibratedGrid.load(grid)
+    assert fitted.steps == 3 and len(fitted.t) == 4
+    result = ok(invoke("sample", ckpt, "--grid", grid, "-n", 2, "--out", tmp_path / "s.png", "--quiet"))
+    assert "NFE: 3 per batch" in result.output
+    assert str(np.load(tmp_path / "s.npz")["grid"]) == str(grid)
+    assert_one_line_error(invoke("sample", ckpt, "--grid", grid, "--sampler", "ddim", "--out", tmp_path / "d.png"),
+                          "dpm_solver")
+    assert_one_line_error(invoke("sample", ckpt, "--grid", grid, "--steps", 5, "--out", tmp_path / "d.png"), "fitted for 3")
+    assert_one_line_error(invoke("sample", ckpt, "--grid", grid, "--schedule", "logsnr", "--out", tmp_path / "d.png"),
+                          "fixes the time grid")
+    assert_one_line_error(invoke("sample", ckpt, "--grid", grid, "--order", 2, "--out", tmp_path / "d.png"), "other knobs")
+    (tmp_path / "bad.json").write_text("{}")
+    assert_one_line_error(invoke("sample", ckpt, "--grid", tmp_path / "bad.json", "--out", tmp_path / "d.png"),
+                          "not a calibrated grid")
+    assert_one_line_error(invoke("calibrate", ckpt, "--steps", 3, "--pilot-steps", 2, "--out", grid), "--pilot-steps")
+    assert_one_line_error(invoke("calibrate", ckpt, "--steps", 3, "--knob", "schedule=logsnr", "--out", grid, "--quiet"),
+                          "schedule")
