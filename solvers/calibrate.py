@@ -40,10 +40,10 @@ Cost, paid once per ``(model, sde, sample shape, N)``, in sample-NFE: ``pilot_sa
 screen, ``(at_risk x pilot_samples + 2 typical_samples) x pilot_steps`` for the accurate solves
 and ``(at_risk x pilot_samples / 2 + typical_samples) x N`` per grid tried (typically 150-450):
 e.g. 10-20 M at N = 10 and 19-64 M at N = 20 with the defaults, the cost of sampling ~1-2 M
-samples. The
-result, a :class:`CalibratedGrid`, states it (``pilot_cost``) and is passed to the sampler as
-``dpm_solver(..., steps=N, t_grid=grid)``; sampling itself then costs exactly ``N`` NFE. Use
-:class:`GridCache` to keep one grid per ``N``.
+samples. The result, a :class:`CalibratedGrid`, states it (``pilot_cost``) and is passed to the
+sampler as ``dpm_solver(..., steps=N, t_grid=grid)``; sampling itself then costs exactly ``N``
+NFE. Use :class:`GridCache` to keep one grid per ``N``, and :meth:`CalibratedGrid.save` /
+:meth:`CalibratedGrid.load` to keep it across runs (``scoresde calibrate`` / ``sample --grid``).
 """
 
 from __future__ import annotations
@@ -229,13 +229,13 @@ def calibrate_grid(
     with torch.no_grad():
         # 1. screen: disagreement of cheap solvers with a 2N-step one marks starts near a basin boundary
         anchor = solve(x_all, 2 * steps).to(torch.float64)
-        risk = torch.zeros(pilot_samples, dtype=torch.float64, device=anchor.device)
+        risk = torch.zeros(pilot_samples, dtype=torch.float64)  # on the host: it only indexes
         screens = [{}, {"schedule": "uniform"}]
         if 4 * lo < hi:
             screens.append({"window": (2 * lo, hi / 2)})
         for kw in screens:
             d = (solve(x_all, steps, **kw).to(torch.float64) - anchor).pow(2)
-            risk = torch.maximum(risk, d.reshape(pilot_samples, -1).sum(1))
+            risk = torch.maximum(risk, d.reshape(pilot_samples, -1).sum(1).cpu())
         del anchor
 
         # 2. stratified pilot per half: (starts, accurate endpoints, weights summing to 1 per coordinate)
@@ -302,7 +302,10 @@ def calibrate_grid(
         val_best, pick = min(scored)
         if pick != 2:
             g = candidates[pick]
-            best = default if pick == 0 else score(fit_set, g)
+            if pick == 1:
+                best, tried = score(fit_set, g), tried + 1
+            else:
+                best = default
         times = to_times(g)
     if not all(b < a for a, b in zip(times, times[1:])):  # pragma: no cover - the warp is monotone
         raise RuntimeError("calibrated grid is not strictly decreasing")
