@@ -177,8 +177,8 @@ def calibrate_grid(
     half stand for it. ``knobs``: other ``dpm_solver`` knobs (order, corrector, window, t_min,
     final_step, ...) used for the screen, the accurate solves and the fit; ``schedule``, ``interp``
     and ``t_grid`` are not accepted. ``batch_size``: evaluate in chunks of this many samples
-    (``None``: all at once). ``progress``: a bar over the grids tried (a fit tries ~150-450; a
-    minute or more on a CPU). The result depends only on the model, the SDE, the arguments here and
+    (``None``: all at once). ``progress``: a bar in sample-NFE over the screen and the accurate
+    solves, then one over the grids tried (a fit tries ~150-450). The result depends only on the model, the SDE, the arguments here and
     ``pilot_seed`` -- never on the batch later sampled with it.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
@@ -210,6 +210,16 @@ def calibrate_grid(
     chunk = None if batch_size is None else max(1, int(batch_size))
     mk = dict(model_kwargs or {})
     cost = [0]
+    # cheap solves whose disagreement with a 2N-step one marks a start at risk (step 1)
+    screens: List[Dict[str, Any]] = [{}, {"schedule": "uniform"}] + ([{"window": (2 * lo, hi / 2)}] if 4 * lo < hi else [])
+    prep_bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        halves = (pilot_samples // 2, pilot_samples - pilot_samples // 2)
+        accurate = sum(int(at_risk * h) + min(typical_samples, h - int(at_risk * h)) for h in halves)
+        prep = pilot_samples * (2 + len(screens)) * steps + accurate * pilot_steps
+        prep_bar = tqdm(total=prep, desc="screen and accurate solves", unit="sample-NFE", unit_scale=True, leave=False)
 
     def solve(start: torch.Tensor, n: int, **kw: Any) -> torch.Tensor:
         kw = {**knobs, **kw}
@@ -217,8 +227,12 @@ def calibrate_grid(
             kw.pop("t_min", None)
         size = start.shape[0] if chunk is None else chunk
         cost[0] += start.shape[0] * n
-        return torch.cat([dpm_solver(counted, sde, start[a : a + size], steps=n, model_kwargs=mk, **kw)
-                          for a in range(0, start.shape[0], size)])
+        outs = []
+        for a in range(0, start.shape[0], size):
+            outs.append(dpm_solver(counted, sde, start[a : a + size], steps=n, model_kwargs=mk, **kw))
+            if prep_bar is not None:
+                prep_bar.update(outs[-1].shape[0] * n)
+        return torch.cat(outs)
 
     def to_times(knot_values: Sequence[float]) -> List[float]:
         lam = torch.tensor(warp_grid(fine.lam, knot_values, steps), dtype=torch.float64)
@@ -230,9 +244,6 @@ def calibrate_grid(
         # 1. screen: disagreement of cheap solvers with a 2N-step one marks starts near a basin boundary
         anchor = solve(x_all, 2 * steps).to(torch.float64)
         risk = torch.zeros(pilot_samples, dtype=torch.float64)  # on the host: it only indexes
-        screens = [{}, {"schedule": "uniform"}]
-        if 4 * lo < hi:
-            screens.append({"window": (2 * lo, hi / 2)})
         for kw in screens:
             d = (solve(x_all, steps, **kw).to(torch.float64) - anchor).pow(2)
             risk = torch.maximum(risk, d.reshape(pilot_samples, -1).sum(1).cpu())
@@ -261,10 +272,10 @@ def calibrate_grid(
             return float((w * err.reshape(len(w), -1).sum(1)).sum())
 
         bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(desc=f"calibrating a {steps}-step grid", unit="grid", leave=False)
+        if prep_bar is not None:
+            prep_bar.close()
+            prep_bar = None
+            bar = tqdm(desc=f"fitting a {steps}-step grid", unit="grid", leave=False)
 
         def mse(knot_values: Sequence[float]) -> float:
             v = score(fit_set, knot_values)
