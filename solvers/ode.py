@@ -237,21 +237,18 @@ def ode(
         y, _ = dopri5(rhs_f, y0, ends[0], ends[1], float(rtol), float(atol))
         if not all_finite(y):
             raise SamplingError(f"dopri5 ended with non-finite values at t = {lv.t[n]:.6g}; the model output is probably not finite")
-        x = lv.alpha[n] * y if variable == "log_sigma" else y
-        d = run.denoise(x, lv.t[n]) if denoise else None
-        run.report(0, lv.t[n], x, d)
-        return d if denoise else x
-    if not fixed:
-        # Step exactly onto the end point rather than past it (past t_min, t may leave [0, T]).
-        options.setdefault("step_t", grid[1:])
-    try:
-        with unchecked():
-            y = odeint(rhs, y0, grid, rtol=float(rtol), atol=float(atol), method=method, options=options or None)[-1]
-    except AssertionError as err:  # torchdiffeq's step-size underflow, e.g. after a non-finite eps
-        raise SamplingError(
-            f"torchdiffeq {method} failed between t = {lv.t[0]:.6g} and t = {lv.t[-1]:.6g} ({err}); "
-            "the model output is probably not finite"
-        ) from err
+    else:
+        if not fixed:
+            # Step exactly onto the end point rather than past it (past t_min, t may leave [0, T]).
+            options.setdefault("step_t", grid[1:])
+        try:
+            with unchecked():
+                y = odeint(rhs, y0, grid, rtol=float(rtol), atol=float(atol), method=method, options=options or None)[-1]
+        except AssertionError as err:  # torchdiffeq's step-size underflow, e.g. after a non-finite eps
+            raise SamplingError(
+                f"torchdiffeq {method} failed between t = {lv.t[0]:.6g} and t = {lv.t[-1]:.6g} ({err}); "
+                "the model output is probably not finite"
+            ) from err
     n = lv.steps
     x = lv.alpha[n] * y if variable == "log_sigma" else y
     d = run.denoise(x, lv.t[n]) if denoise else None
