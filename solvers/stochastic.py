@@ -431,8 +431,8 @@ class _TorchsdeReverse(torch.nn.Module):
         super().__init__()
         self.run, self.sde_, self.shape, self.sde_type = run, sde, shape, sde_type
         self._memo: Optional[Tuple[Tensor, float, Tensor]] = None
-        self._coeff_memo: Dict[float, Tuple[float, float, float, float, float]] = {}
-        self._grid_coeffs: Dict[float, Tuple[float, float, float, float, float]] = {}
+        #: tau -> (t, alpha, std, f, g): the grid's times precomputed, others (sub-steps, SRK stages) added as asked
+        self._coeff_at: Dict[float, Tuple[float, float, float, float, float]] = {}
         self.last_denoised: Optional[Tensor] = None
 
     def precompute(self, taus: Sequence[float]) -> None:
@@ -443,22 +443,21 @@ class _TorchsdeReverse(torch.nn.Module):
             a, s = self.sde_.alpha(t), self.sde_.std(t)
             f, g = self.sde_.sde(torch.ones(len(t), 1, dtype=torch.float64), t)
         for row in zip(taus, t.tolist(), a.tolist(), s.tolist(), f[:, 0].tolist(), g.tolist()):
-            self._grid_coeffs[float(row[0])] = row[1:]
+            self._coeff_at[float(row[0])] = row[1:]
 
     def _coeffs(self, tau: Tensor) -> Tuple[float, float, float, float, float]:
         """``(t, alpha, std, f, g)`` at ``t = T - tau``: precomputed at the step times, memoised
-        elsewhere (torchsde asks for f and g at the same times, and its contract check asks again)."""
+        elsewhere (torchsde asks for f and g at the same times, and its contract check asks again;
+        one entry per distinct time of the run, a few floats each)."""
         key = float(tau)
-        hit = self._grid_coeffs.get(key) or self._coeff_memo.get(key)
+        hit = self._coeff_at.get(key)
         if hit is not None:
             return hit
         t = torch.as_tensor(self.sde_.T - key, dtype=torch.float64).clamp(0.0, self.sde_.T)
         with unchecked():
             a, s = float(self.sde_.alpha(t)), float(self.sde_.std(t))
             f, g = self.sde_.sde(torch.ones(1, 1, dtype=torch.float64), t.reshape(1))
-        if len(self._coeff_memo) > 64:
-            self._coeff_memo.clear()
-        out = self._coeff_memo[key] = (float(t), a, s, float(f), float(g))
+        out = self._coeff_at[key] = (float(t), a, s, float(f), float(g))
         return out
 
     def f(self, tau: Tensor, y: Tensor) -> Tensor:
