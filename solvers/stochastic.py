@@ -430,9 +430,12 @@ class _TorchsdeReverse(torch.nn.Module):
     def __init__(self, run: Run, sde: SDE, shape: torch.Size, sde_type: str):
         super().__init__()
         self.run, self.sde_, self.shape, self.sde_type = run, sde, shape, sde_type
-        self._memo: Optional[Tuple[Tensor, float, Tensor]] = None
+        # (y, tau, f(tau, y)) of the last drift evaluation, mutated in place: nn.Module's __setattr__
+        # costs ~10 us a call, as much as a small tensor op, and f runs once per step
+        self._memo: List[Any] = [None, None, None]
         #: tau -> (t, alpha, std, f, g): the grid's times precomputed, others (sub-steps, SRK stages) added as asked
         self._coeff_at: Dict[float, Tuple[float, float, float, float, float]] = {}
+        self._t_batch: Dict[float, Tensor] = {}
         self.last_denoised: Optional[Tensor] = None
 
     def precompute(self, taus: Sequence[float]) -> None:
@@ -444,6 +447,7 @@ class _TorchsdeReverse(torch.nn.Module):
             f, g = self.sde_.sde(torch.ones(len(t), 1, dtype=torch.float64), t)
         for row in zip(taus, t.tolist(), a.tolist(), s.tolist(), f[:, 0].tolist(), g.tolist()):
             self._coeff_at[float(row[0])] = row[1:]
+            self._t_batch[row[1]] = self.run.times(row[1])  # the model's (B,) time, built once
 
     def _coeffs(self, tau: Tensor) -> Tuple[float, float, float, float, float]:
         """``(t, alpha, std, f, g)`` at ``t = T - tau``: precomputed at the step times, memoised
@@ -462,21 +466,28 @@ class _TorchsdeReverse(torch.nn.Module):
 
     def f(self, tau: Tensor, y: Tensor) -> Tensor:
         # torchsde's contract check evaluates f at the start point once more: reuse that evaluation.
-        if self._memo is not None and self._memo[0] is y and self._memo[1] == float(tau):
-            return self._memo[2]
+        memo = self._memo
+        if memo[0] is y and memo[1] == tau:
+            return memo[2]
         t, a, s, f, g = self._coeffs(tau)
         x = y.reshape(self.shape)
-        eps = self.run.eps(x, t)
+        tb = self._t_batch.get(t)
+        eps = self.run.eps(x, t if tb is None else tb)
         if self.run.callback is not None:  # Tweedie's estimate, only when someone reads it
             self.last_denoised = _tweedie(x, eps, a, s)
-        drift = eps * (-(g * g / s))  # -(f x - g^2 score) = -(g^2 / s) eps - f x, score = -eps / std
-        drift.add_(x, alpha=-f)
+        # -(f x - g^2 score) = -(g^2 / s) eps - f x with score = -eps / std, written into eps's shape
+        # and read back flat (eps is the model's; a fresh tensor from the first op, then in place)
+        drift = torch.mul(x, -f).add_(eps, alpha=-(g * g / s))
         out = drift.reshape(y.shape)
-        self._memo = (y, float(tau), out)
+        memo[:] = (y, tau, out)
         return out
 
     def g_prod(self, tau: Tensor, y: Tensor, v: Tensor) -> Tensor:
         return self._coeffs(tau)[4] * v
+
+    def f_and_g_prod(self, tau: Tensor, y: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        """What torchsde's Euler-type steps ask for; defining it skips torchsde's default wrapper."""
+        return self.f(tau, y), self._coeffs(tau)[4] * v
 
 
 class _SampleBrownian:
@@ -514,18 +525,17 @@ class _SampleBrownian:
                 f"Brownian query [{ta}, {tb}] is not a cell of the fixed step grid; "
                 "use brownian='interval' for adaptive stepping"
             )
-        if j not in self._cache:
-            z_w = self.run.noise(self.like, self.stream0 + j)
-            z_h = self.run.noise(self.like, _LEVY_STREAMS + self.stream0 + j) if return_U else None
-            self._cache[j] = (z_w, z_h)
-        z_w, z_h = self._cache[j]
         h = tb - ta
-        w = math.sqrt(h) * z_w
+        if j not in self._cache:  # W = sqrt(h) z, scaled in place (Run.noise hands out a fresh tensor)
+            w = self.run.noise(self.like, self.stream0 + j).mul_(math.sqrt(h))
+            z_h = self.run.noise(self.like, _LEVY_STREAMS + self.stream0 + j) if return_U else None
+            self._cache[j] = (w, z_h)
+        w, z_h = self._cache[j]
         if not return_U:
             return w
         if z_h is None:
             z_h = self.run.noise(self.like, _LEVY_STREAMS + self.stream0 + j)
-            self._cache[j] = (z_w, z_h)
+            self._cache[j] = (w, z_h)
         return w, h * (0.5 * w + math.sqrt(h / 12.0) * z_h)
 
 
@@ -607,6 +617,7 @@ def sde(
               for k in range(len(grid))]
     if bm_all is None:
         run.streams = sum(n_subs)  # W cells draw streams 0, 1, 2, ... in order
+    t_next = grid.t[1:].tolist()
     for k in run.steps(len(grid), desc="sde"):
         tau0, tau1, n_sub = taus[k], taus[k + 1], n_subs[k]
         h = (tau1 - tau0) / n_sub
@@ -616,11 +627,12 @@ def sde(
         else:
             bm = bm_all
         y, extra = stepper(
-            y, torch.tensor([tau0, tau1], dtype=torch.float64), bm,
+            y, tau0, tau1, bm,
             h * (1 + 1e-10),  # the solver clips its last step at tau1: no sliver step from rounding
             extra,
         )
-        run.report(k, float(grid.t[k + 1]), y.reshape(shape), _reshape(rsde.last_denoised, shape))
+        # the state is finite whatever its shape: reshape only for a callback
+        run.report(k, t_next[k], y.reshape(shape) if run.callback is not None else y, _reshape(rsde.last_denoised, shape))
     return _finish(run, grid, y.reshape(shape), opts["denoise_final"])
 
 
@@ -633,8 +645,9 @@ class _TorchsdeStepper:
     64 x 768, more than the rest of a step. The sampler reports after every interval (NaN guard,
     callbacks), so it calls the solver once per interval; this runs ``check_contract`` and builds
     the solver on the first call exactly as ``sdeint`` does, then swaps in each interval's Brownian
-    motion and step size and calls ``solver.integrate`` (what ``sdeint`` does after its checks), so
-    the numbers are identical (tested). If torchsde's internals move, it falls back to ``sdeint``.
+    motion and step size and runs the solver's steps (adaptive: ``solver.integrate``, what ``sdeint``
+    does after its checks; fixed: ``integrate``'s step loop, see below), so the numbers are identical
+    (tested). If torchsde's internals move, it falls back to ``sdeint``.
     """
 
     def __init__(self, rsde: Any, method: str, adaptive: bool, rtol: float, atol: float, dt_min: float):
@@ -651,7 +664,10 @@ class _TorchsdeStepper:
                                     extra_solver_state=extra)
         return ys[-1], extra
 
-    def __call__(self, y: Tensor, ts: Tensor, bm: Any, dt: float, extra: Any):
+    def __call__(self, y: Tensor, tau0: float, tau1: float, bm: Any, dt: float, extra: Any):
+        ts = None
+        if not (self.fast and self.solver is not None and not self.adaptive and self.method in _FLOAT_TIME_METHODS):
+            ts = torch.tensor([tau0, tau1], dtype=torch.float64)  # what torchsde's own loop is given
         if not self.fast:
             return self._sdeint(y, ts, bm, dt, extra)
         if self.solver is None:
@@ -669,16 +685,17 @@ class _TorchsdeStepper:
                 return self._sdeint(y, ts, bm, dt, extra)
         self.solver.bm, self.solver.dt = bm, dt
         if extra is None:
-            extra = self.solver.init_extra_solver_state(ts[0], y)
+            extra = self.solver.init_extra_solver_state(ts[0], y)  # first call: ts was built
         if self.adaptive:
             ys, extra = self.solver.integrate(y, ts, extra)
             return ys[-1], extra
         # Fixed steps: the loop of ``integrate`` without its output interpolation, which at an output
         # time equal to the last step's end is ``0 * y_prev + 1 * y`` (three passes over the state)
         # followed by a stack of both states (a copy): the same numbers for finite states.
-        t, t_end = ts[0], ts[-1]
         if self.method in _FLOAT_TIME_METHODS:  # no tensor arithmetic on the time: Python floats, same numbers
-            t, t_end, dt = float(t), float(t_end), float(dt)
+            t, t_end = tau0, tau1
+        else:  # srk and milstein call dt.sqrt(): 0-d float64 tensors, as in torchsde's own loop
+            t, t_end = ts[0], ts[-1]
         while t < t_end:
             t_next = min(t + dt, t_end)
             y, extra = self.solver.step(t, t_next, y, extra)

@@ -487,7 +487,8 @@ def test_sde_reused_torchsde_solver_equals_calling_sdeint_each_interval(monkeypa
     mix, ve = GaussianMixture.ring(4, radius=2.0, std=0.3), VESDE()
     x_T = 50 * torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     fast = solvers.SAMPLERS["sde"](mix.eps_model(ve), ve, x_T, steps=12, generator=5, **knobs)
-    monkeypatch.setattr(stochastic._TorchsdeStepper, "__call__", lambda self, *a: self._sdeint(*a))
+    monkeypatch.setattr(stochastic._TorchsdeStepper, "__call__", lambda self, y, tau0, tau1, bm, dt, extra: self._sdeint(
+        y, torch.tensor([tau0, tau1], dtype=torch.float64), bm, dt, extra))
     slow = solvers.SAMPLERS["sde"](mix.eps_model(ve), ve, x_T, steps=12, generator=5, **knobs)
     assert torch.isfinite(fast).all() and torch.equal(fast, slow)
 
