@@ -54,7 +54,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from scoresde._tensor import append_dims
+from scoresde._tensor import append_dims, unchecked
 
 from .base import Run, check_knobs
 from ._levels import Levels, check_bool, final_denoise, levels, levels_on, require
@@ -245,6 +245,19 @@ def _levels_from_grid(sde: SDE, t_grid, steps: int, t_min: Optional[float], samp
     return levels_on(sde, grid, sampler)
 
 
+def _coefficients(value: Any, steps: int) -> Optional[List[Tuple[float, float, float]]]:
+    """``None``, or ``steps`` finite triples ``(predictor scale, corrector scale, log-sigma shift)``."""
+    if value is None:
+        return None
+    try:
+        out = [tuple(float(v) for v in row) for row in value]
+    except (TypeError, ValueError):
+        raise ValueError("coefficients must be a sequence of (predictor, corrector, shift) triples") from None
+    if len(out) != steps or any(len(row) != 3 or not all(math.isfinite(v) for v in row) for row in out):
+        raise ValueError(f"coefficients must hold steps = {steps} finite (predictor, corrector, shift) triples; got {len(out)} rows")
+    return out  # type: ignore[return-value]
+
+
 def dpm_solver(
     model: Callable[..., torch.Tensor],
     sde,
@@ -272,8 +285,12 @@ def dpm_solver(
     ``denoise_final`` (return Tweedie's ``x_0`` at ``t_min`` with no extra NFE: from the local
     Gaussian, or by reusing the last score); ``t_grid`` (``None``, or ``steps + 1`` strictly decreasing
     times, or an object with a ``.t`` attribute such as :class:`solvers.calibrate.CalibratedGrid`:
-    used instead of ``schedule``/``window``/``t_min``). The first steps warm up at lower order (order ``i + 1``
-    at step ``i``) since only ``i + 1`` evaluations exist yet.
+    used instead of ``schedule``/``window``/``t_min``); ``coefficients`` (``None``, or one triple
+    ``(p_i, c_i, s_i)`` per step, fitted by :func:`solvers.calibrate_grid` and taken from ``t_grid``
+    when it carries them: the predictor's weights become ``w_DDIM + p_i (w - w_DDIM)``, the
+    corrector's ``w_pred + c_i (w_corr - w_pred)``, and the network is evaluated at the same ``y``
+    with ``sigma_i e^{s_i}``; ``(1, 1, 0)`` is the solver itself, still ``steps`` NFE). The first
+    steps warm up at lower order (order ``i + 1`` at step ``i``) since only ``i + 1`` evaluations exist yet.
     """
     check_knobs("dpm_solver", knobs, KNOBS["dpm_solver"])
     o = {**KNOBS["dpm_solver"], **knobs}
@@ -305,6 +322,7 @@ def dpm_solver(
         lv = _levels_from_grid(sde, o["t_grid"], steps, o["t_min"], "dpm_solver")
     else:
         lv = levels(sde, steps, o["schedule"], o["t_min"], "dpm_solver", **extra)
+    coefs = _coefficients(o["coefficients"] if o["coefficients"] is not None else getattr(o["t_grid"], "coefficients", None), lv.steps)
     run = Run(model, sde, x_T, generator, callback, progress, model_kwargs)
     n, lam = lv.steps, lv.lam
 
@@ -331,6 +349,19 @@ def dpm_solver(
         else:
             pred_w.append(exp_weights(pred_nodes, h))
             corr_w.append(exp_weights(c_nodes, h))
+        if coefs is not None:
+            # w(c) = w_base + c (w - w_base): the predictor's base is DDIM's step (D_i alone), the
+            # corrector's the predictor it corrects (no correction); c = 1 is the solver itself
+            cp, cc = coefs[i][0], coefs[i][1]
+            full_p = pred_w[-1]
+            base_p = exp_weights([0.0], h) + [0.0] * (len(full_p) - 1)  # bit-equal to a first-order step's
+            pred_w[-1] = [b + cp * (w - b) for b, w in zip(base_p, full_p)]
+            # c_i = 0 keeps the prediction: the corrector's nodes are D_{i+1} then the predictor's
+            # (all of them, or the newest ones under a corrector_order cap; pad both to one length)
+            m = max(len(corr_w[-1]), len(full_p) + 1)
+            base_c = [0.0] + pred_w[-1] + [0.0] * (m - len(full_p) - 1)
+            full_c = corr_w[-1] + [0.0] * (m - len(corr_w[-1]))
+            corr_w[-1] = [b + cc * (w - b) for b, w in zip(base_c, full_c)]
 
     def advance(decay: float, y0: torch.Tensor, w: List[float], ds: List[torch.Tensor]) -> torch.Tensor:
         """``decay y0 + sum_j w_j D_j``: one fresh tensor, then fused in-place multiply-adds."""
@@ -340,6 +371,18 @@ def dpm_solver(
             acc.add_(dj, alpha=wj)
         return acc
 
+    # where the network is evaluated: at (t_i, sigma_i), or at sigma_i e^{shift_i} for the same y
+    eval_t, eval_alpha, eval_sigma = list(lv.t[:n]), list(lv.alpha[:n]), list(lv.sigma[:n])
+    if coefs is not None and any(c[2] != 0.0 for c in coefs):
+        require(sde, "dpm_solver", "t_from_sigma")
+        sig = torch.tensor([lv.sigma[i] * math.exp(coefs[i][2]) for i in range(n)], dtype=torch.float64)
+        with unchecked():
+            te = torch.minimum(sde.t_from_sigma(sig), torch.tensor(float(sde.T), dtype=torch.float64))
+            ae, se = sde.alpha(te), sde.sigma(te)
+        for i in range(n):
+            if coefs[i][2] != 0.0:
+                eval_t[i], eval_alpha[i], eval_sigma[i] = float(te[i]), float(ae[i]), float(se[i])
+
     y = x_T / lv.alpha[0]  # state in y = x / alpha
     # newest first: (D_j, the y where D_j was evaluated, sigma_j)
     evals: List[Tuple[torch.Tensor, torch.Tensor, float]] = []
@@ -347,8 +390,8 @@ def dpm_solver(
     x0: Optional[torch.Tensor] = None
     y_start = y  # state at the start of the previous step (the corrector redoes that step)
     for i in run.steps(n, "dpm_solver"):
-        eps = run.eps(lv.alpha[i] * y, lv.t[i])
-        d = torch.add(y, eps, alpha=-lv.sigma[i])
+        eps = run.eps(eval_alpha[i] * y, eval_t[i])
+        d = torch.add(y, eps, alpha=-eval_sigma[i])
         evals.insert(0, (d, y, lv.sigma[i]))
         del evals[_MAX_ORDER + 1 :]  # the corrector of an order-3 step uses 4 points
         if shift and corrector:
@@ -391,5 +434,6 @@ KNOBS: Dict[str, Dict[str, object]] = {
         "interp": "lambda",
         "corrector_order": None,
         "t_grid": None,
+        "coefficients": None,
     }
 }
