@@ -362,15 +362,18 @@ def calibrate(
     pilot_samples: int = typer.Option(64000, min=4, help="Starts screened: half to fit, half to validate."),
     typical_samples: int = typer.Option(2000, min=1, help="Starts per half standing for those not at risk."),
     pilot_steps: int = typer.Option(200, min=2, help="Steps of the accurate solves the grid is fitted against."),
-    knob: Optional[List[str]] = typer.Option(None, "--knob", "-k", metavar="KEY=VALUE", help="dpm_solver knob key=value, repeatable (not schedule / t_grid).", show_default="none"),
+    coefficients: Optional[bool] = typer.Option(None, "--coefficients/--no-coefficients", help="Also fit per-step solver coefficients on the grid (kept only if they validate better).", show_default="up to 15 steps"),
+    knob: Optional[List[str]] = typer.Option(None, "--knob", "-k", metavar="KEY=VALUE", help="dpm_solver knob key=value, repeatable (not schedule / t_grid / coefficients).", show_default="none"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Samples per network call.", show_default="512 on CUDA, 256 on CPU"),
     seed: int = typer.Option(7919, min=0, help="Seed of the pilot's starts (never the sampling noise)."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Fit to the EMA weights (or the raw trained ones)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto picks CUDA when present)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or chatter."),
 ) -> None:
-    """Fit a dpm_solver time grid to a checkpoint (after "Align Your Steps"); a one-off cost of
-    ~10-60 M sample-NFE (prints it), after which `sample --grid` costs exactly --steps NFE."""
+    """Fit a dpm_solver time grid and per-step coefficients to a checkpoint (after "Align Your
+    Steps" and learned-coefficient solvers); a one-off cost that it prints (~35-90 M sample-NFE at
+    10 steps with the defaults, ~10-20 M with --no-coefficients), after which `sample --grid` costs
+    exactly --steps NFE."""
     import torch
 
     with user_errors():
@@ -385,12 +388,13 @@ def calibrate(
             raise UserError("calibrate fits unconditional models only (this checkpoint is class-conditional)")
         shape = model_shape(model.config)
         batch = batch_size or (512 if dev.type == "cuda" else 256)
-        _say(quiet, f"calibrating a {steps}-step dpm_solver grid on {pilot_samples} starts, {dev}")
+        _say(quiet, f"calibrating a {steps}-step dpm_solver grid on {dev}")
         start = time.perf_counter()
         try:
             fitted = solvers.calibrate_grid(model, sde, shape, steps=steps, pilot_samples=pilot_samples,
                                             typical_samples=typical_samples, pilot_steps=pilot_steps, pilot_seed=seed,
-                                            batch_size=batch, device=dev, progress=not quiet, **knobs)
+                                            coefficients=coefficients, batch_size=batch, device=dev, progress=not quiet,
+                                            **knobs)
         except (TypeError, ValueError) as e:
             raise UserError(str(e)) from None
         wall = time.perf_counter() - start
@@ -399,8 +403,10 @@ def calibrate(
         sig = sde.sigma(torch.tensor(fitted.t, dtype=torch.float64)).tolist()
         typer.echo(f"sigma grid: {' '.join(f'{v:.3g}' for v in sig)}")
         typer.echo(f"RMS endpoint error, validation half: default grid {fitted.validation_default_rms:.4g}, "
-                   f"this grid {fitted.validation_rms:.4g}")
-        typer.echo(f"cost: {fitted.pilot_cost / 1e6:.3g} M sample-NFE, {fitted.grids_tried} grids tried, {wall:.1f} s")
+                   f"this grid {fitted.validation_grid_rms:.4g}, with its coefficients {fitted.validation_rms:.4g}"
+                   + ("" if fitted.coefficients is not None else " (none kept)" if fitted.coefficients_tried else " (not fitted)"))
+        typer.echo(f"cost: {fitted.pilot_cost / 1e6:.3g} M sample-NFE ({fitted.pilot_samples} starts screened), "
+                   f"{fitted.grids_tried} grids and {fitted.coefficients_tried} coefficient sets tried, {wall:.1f} s")
         typer.echo(f"grid: {out}  (scoresde sample {checkpoint} --grid {out})")
 
 

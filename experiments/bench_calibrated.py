@@ -59,6 +59,8 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pilot", type=int, default=64000, help="starts screened by calibrate_grid (pilot_samples)")
     ap.add_argument("--knots", type=int, default=None, help="calibrate_grid's knots (default: its own)")
+    ap.add_argument("--coefficients", choices=["auto", "on", "off"], default="auto",
+                    help="calibrate_grid's per-step coefficients: its default (fitted up to COEFFICIENTS_UP_TO steps), always, never")
     ap.add_argument("--grid-cache", default=None, help="directory to keep calibrated grids in (JSON)")
     ap.add_argument("--peers", nargs="+", default=[os.path.join(RESULTS, "peers.csv"), os.path.join(RESULTS, "peers_heldout.csv")],
                     help="bench_peers CSVs with the peers' errors on the same (n, seed)")
@@ -84,13 +86,17 @@ def main(argv: Optional[list] = None) -> None:
             t0 = time.time()
             extra = {} if args.knots is None else {"knots": args.knots}
             tag = "" if args.knots is None else f"_k{args.knots}"
-            gpath = args.grid_cache and os.path.join(args.grid_cache, f"{pname}_{nfe}_{args.pilot}{tag}.json")
+            fit_coefs = {"on": True, "off": False}.get(args.coefficients, nfe <= solvers.calibrate.COEFFICIENTS_UP_TO)
+            extra["coefficients"] = fit_coefs
+            tag += "_coef" if fit_coefs else "_grid"
+            pilot = args.pilot
+            gpath = args.grid_cache and os.path.join(args.grid_cache, f"{pname}_{nfe}_{pilot}{tag}.json")
             if gpath and os.path.exists(gpath):
                 grid = solvers.CalibratedGrid.load(gpath)
                 with open(gpath + ".seconds") as f:
                     secs = float(f.read())
             else:
-                grid = solvers.calibrate_grid(model, sde, (mixture.dim,), steps=nfe, pilot_samples=args.pilot, dtype=P.DTYPE,
+                grid = solvers.calibrate_grid(model, sde, (mixture.dim,), steps=nfe, pilot_samples=pilot, dtype=P.DTYPE,
                                               **extra)
                 secs = time.time() - t0
                 if gpath:
@@ -108,14 +114,18 @@ def main(argv: Optional[list] = None) -> None:
                        err_calibrated=e_cal, std_calibrated=s_cal, best_peer=peer[0], best_peer_solver=peer[1],
                        ratio_default=peer[0] / e_def, ratio_calibrated=peer[0] / e_cal, pilot_samples=grid.pilot_samples,
                        pilot_rms_default=grid.default_rms, pilot_rms=grid.pilot_rms, validation_rms_default=grid.validation_default_rms,
-                       validation_rms=grid.validation_rms, accurate_samples=grid.accurate_samples, grids_tried=grid.grids_tried,
+                       validation_grid_rms=grid.validation_grid_rms, validation_rms=grid.validation_rms,
+                       accurate_samples=grid.accurate_samples, grids_tried=grid.grids_tried,
+                       coefficients_tried=grid.coefficients_tried,
                        pilot_cost=grid.pilot_cost, calib_seconds=secs, knots=" ".join(f"{k:g}" for k in grid.knots),
-                       sigmas=" ".join(f"{s:.3g}" for s in sig))
+                       sigmas=" ".join(f"{s:.3g}" for s in sig),
+                       coefficients="-" if grid.coefficients is None else
+                       " ".join("/".join(f"{v:g}" for v in c) for c in grid.coefficients))
             rows.append(row)
             print(f"{pname:13s} NFE {nfe:2d}: default {e_def:.4f} calibrated {e_cal:.4f} (x{e_def / e_cal:.2f}); best peer {peer[0]:.4f} "
                   f"-> ratio {peer[0] / e_def:.2f}x / {peer[0] / e_cal:.2f}x; pilot {grid.default_rms:.4f}->{grid.pilot_rms:.4f}, "
-                  f"validation {grid.validation_default_rms:.4f}->{grid.validation_rms:.4f}, "
-                  f"{grid.grids_tried} grids, cost {grid.pilot_cost / 1e6:.1f}M sample-NFE, {secs:.0f}s", flush=True)
+                  f"validation {grid.validation_default_rms:.4f}->{grid.validation_grid_rms:.4f} (grid)->{grid.validation_rms:.4f}, "
+                  f"{grid.grids_tried} grids + {grid.coefficients_tried} coefficient sets, cost {grid.pilot_cost / 1e6:.1f}M sample-NFE, {secs:.0f}s", flush=True)
     for nfe in args.nfe:
         at = [r for r in rows if r["nfe"] == nfe]
         gm = lambda k: math.exp(sum(math.log(r[k]) for r in at) / len(at))  # noqa: E731

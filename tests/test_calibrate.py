@@ -82,15 +82,17 @@ def test_validation_keeps_the_best_of_fit_half_fit_and_default(calibrated):
     fine = levels(sde, _FINE, "window", None, "t", sigma_lo=0.5, sigma_hi=10.0)
     accurate = DETERMINISTIC["dpm_solver"](model, sde, x_val, steps=60, **COARSE)
 
-    def err(knots):
+    def err(knots, coefficients=None):
         t = sde.t_from_sigma(torch.exp(-torch.tensor(warp_grid(fine.lam, knots, 6), dtype=F64)))
         t[0], t[-1] = fine.t[0], fine.t[-1]
-        return rms_(DETERMINISTIC["dpm_solver"](model, sde, x_val, steps=6, t_grid=t.tolist(), **COARSE), accurate)
+        return rms_(DETERMINISTIC["dpm_solver"](model, sde, x_val, steps=6, t_grid=t.tolist(), coefficients=coefficients,
+                                                **COARSE), accurate)
 
     assert grid.accurate_samples == 128
     assert grid.validation_default_rms == pytest.approx(err([0.0] * len(grid.knots)), rel=1e-9)
-    assert grid.validation_rms == pytest.approx(err(grid.knots), rel=1e-9)
-    assert grid.validation_rms <= grid.validation_default_rms
+    assert grid.validation_grid_rms == pytest.approx(err(grid.knots), rel=1e-9)
+    assert grid.validation_rms == pytest.approx(err(grid.knots, grid.coefficients), rel=1e-9)
+    assert grid.validation_rms <= grid.validation_grid_rms <= grid.validation_default_rms
 
 
 def test_stratified_pilot_keeps_the_mode_switching_starts():
@@ -151,12 +153,14 @@ def test_pilot_cost_is_counted():
     g = calibrate_grid(model, sde, (3,), steps=4, pilot_samples=40, typical_samples=8, pilot_steps=30, dtype=F64, **COARSE)
     assert counted.nfe == g.network_calls == len(evaluated)
     assert g.pilot_cost == sum(evaluated)
-    # screen (2N + N + N + N steps on 40), accurate (30 steps on 2 x (1 + 8)), grids tried and the validation's 3
-    assert g.pilot_cost == 40 * 5 * 4 + 18 * 30 + 9 * 4 * (g.grids_tried + 3)
+    # screen (2N + N + N + N steps on 40), accurate (30 steps on 2 x (1 + 8)), grids tried and their
+    # validation's 3, coefficient sets tried and their validation's 2
+    assert g.coefficients_tried > 0
+    assert g.pilot_cost == 40 * 5 * 4 + 18 * 30 + 9 * 4 * (g.grids_tried + 3 + g.coefficients_tried + 2)
     # the progress bar only reports: the same grid with it on
     shown = calibrate_grid(model, sde, (3,), steps=4, pilot_samples=40, typical_samples=8, pilot_steps=30, dtype=F64,
                            progress=True, **COARSE)
-    assert shown.t == g.t and shown.grids_tried == g.grids_tried
+    assert shown.t == g.t and shown.grids_tried == g.grids_tried and shown.coefficients == g.coefficients
 
 
 def test_warp_with_flat_density_is_the_default_grid():
@@ -267,3 +271,93 @@ def test_save_and_load_round_trip(calibrated, tmp_path):
         CalibratedGrid.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="cannot read"):
         CalibratedGrid.load(tmp_path / "missing.json")
+
+
+def _ring_problem(n=64, seed=0):
+    sde = VPSDE()
+    model = GaussianMixture.ring(k=5, radius=3.0, std=0.1, unequal=True).eps_model(sde)
+    return sde, model, torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def test_unit_coefficients_are_the_solver_itself():
+    sde, model, x_T = _ring_problem()
+    f = DETERMINISTIC["dpm_solver"]
+    torch.testing.assert_close(f(model, sde, x_T, steps=8, coefficients=[(1.0, 1.0, 0.0)] * 8), f(model, sde, x_T, steps=8),
+                               rtol=0, atol=1e-12)
+
+
+def test_zero_coefficients_are_ddim():
+    """Predictor scale 0 leaves DDIM's step (D_i alone, exact for constant D) and corrector scale 0
+    keeps the prediction, so order 3 with its corrector becomes first-order DPM-Solver++ = DDIM."""
+    sde, model, x_T = _ring_problem()
+    f = DETERMINISTIC["dpm_solver"]
+    b = f(model, sde, x_T, steps=8, final_step="dpm", order=1, corrector=False)
+    for cap in (None, 2):  # a corrector_order cap drops the oldest node from the corrector, not from "no correction"
+        a = f(model, sde, x_T, steps=8, final_step="dpm", corrector_order=cap, coefficients=[(0.0, 0.0, 0.0)] * 8)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # and the coefficients do act: a predictor scale of 2 on every step is another solver
+    c = f(model, sde, x_T, steps=8, coefficients=[(2.0, 1.0, 0.0)] * 8)
+    assert (c - f(model, sde, x_T, steps=8)).abs().max() > 1e-3
+
+
+def test_shift_moves_the_network_evaluation_to_sigma_e_shift():
+    sde, model, x_T = _ring_problem(4)
+    seen = []
+
+    def spy(x, t):
+        seen.append((float(t[0]), x.clone()))
+        return model(x, t)
+
+    shifts = [0.0, -0.3, 0.2, 0.0, 0.1, 0.0]
+    DETERMINISTIC["dpm_solver"](spy, sde, x_T, steps=6, coefficients=[(1.0, 1.0, s) for s in shifts])
+    nominal = [(float(t), None) for t in levels(sde, 6, "window", None, "t", sigma_lo=0.5, sigma_hi=10.0).t[:6]]
+    for (t_seen, x_seen), (t_nom, _), s in zip(seen, nominal, shifts):
+        sig = float(sde.sigma(torch.tensor(t_nom, dtype=F64))) * math.exp(s)
+        assert float(sde.sigma(torch.tensor(t_seen, dtype=F64))) == pytest.approx(sig, rel=1e-9)
+    # the network sees the same y = x / alpha at the shifted level: x scaled by alpha(t') / alpha(t)
+    first = seen[0][1] / float(sde.alpha(torch.tensor(seen[0][0], dtype=F64)))
+    torch.testing.assert_close(first, x_T / float(sde.alpha(torch.tensor(nominal[0][0], dtype=F64))))
+
+
+def test_coefficients_validation():
+    sde, model, x_T = _ring_problem(2)
+    f = DETERMINISTIC["dpm_solver"]
+    with pytest.raises(ValueError, match="steps = 4"):
+        f(model, sde, x_T, steps=4, coefficients=[(1.0, 1.0, 0.0)] * 3)
+    with pytest.raises(ValueError, match="finite"):
+        f(model, sde, x_T, steps=2, coefficients=[(1.0, float("nan"), 0.0), (1.0, 1.0, 0.0)])
+    with pytest.raises(ValueError, match="triples"):
+        f(model, sde, x_T, steps=2, coefficients=[1.0, 2.0])
+    with pytest.raises(ValueError, match="coefficients must be None, True or False"):  # it fits them itself
+        calibrate_grid(model, sde, (2,), steps=4, coefficients=[(1.0, 1.0, 0.0)] * 4)
+
+
+def test_coefficients_fit_is_validated_and_optional():
+    """Off: the grid alone. On: the coefficients are kept only if they do no worse on the validation
+    half than the grid alone, and the solver then reads them from the grid object."""
+    sde, model, x_T = _ring_problem(200, seed=1)
+    kw = dict(steps=6, pilot_samples=2000, typical_samples=100, pilot_steps=80, max_sweeps=4, dtype=F64)
+    off = calibrate_grid(model, sde, (2,), coefficients=False, **kw)
+    on = calibrate_grid(model, sde, (2,), **kw)
+    assert off.coefficients is None and off.coefficients_tried == 0 and off.validation_rms == off.validation_grid_rms
+    assert on.t == off.t and on.validation_grid_rms == off.validation_grid_rms
+    assert on.coefficients_tried > 0 and on.validation_rms <= on.validation_grid_rms
+    assert on.coefficients is not None  # on this ring they help: validation RMS 0.125 (grid alone) -> 0.115
+    f = DETERMINISTIC["dpm_solver"]
+    torch.testing.assert_close(f(model, sde, x_T, steps=6, t_grid=on),
+                               f(model, sde, x_T, steps=6, t_grid=list(on.t), coefficients=on.coefficients), rtol=0, atol=0)
+
+
+def test_version_1_grid_files_still_load(calibrated, tmp_path):
+    import json
+
+    sde, model, grid = calibrated
+    path = tmp_path / "old.json"
+    grid.save(path)
+    data = json.loads(path.read_text())
+    for k in ("coefficients", "validation_grid_rms", "coefficients_tried"):
+        data.pop(k)
+    data["format"] = "scoresde.CalibratedGrid/1"
+    path.write_text(json.dumps(data))
+    old = CalibratedGrid.load(path)
+    assert old.coefficients is None and old.t == grid.t and old.validation_grid_rms == old.validation_rms

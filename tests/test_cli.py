@@ -239,9 +239,13 @@ def test_calibrate_then_sample_on_the_grid(run, tmp_path):
     ckpt, grid = run / "checkpoint.pt", tmp_path / "grid.json"
     result = ok(invoke("calibrate", ckpt, "--steps", 3, "--out", grid, "--pilot-samples", 16, "--typical-samples", 4,
                        "--pilot-steps", 6, "--device", "cpu", "--quiet"))
-    assert "M sample-NFE" in result.output and "validation half" in result.output
+    assert "M sample-NFE" in result.output and "validation half" in result.output and "coefficient sets" in result.output
     fitted = solvers.CalibratedGrid.load(grid)
-    assert fitted.steps == 3 and len(fitted.t) == 4
+    assert fitted.steps == 3 and len(fitted.t) == 4 and fitted.coefficients_tried > 0
+    plain = tmp_path / "plain.json"
+    result = ok(invoke("calibrate", ckpt, "--steps", 3, "--out", plain, "--pilot-samples", 16, "--typical-samples", 4,
+                       "--pilot-steps", 6, "--device", "cpu", "--quiet", "--no-coefficients"))
+    assert "(not fitted)" in result.output and solvers.CalibratedGrid.load(plain).coefficients is None
     result = ok(invoke("sample", ckpt, "--grid", grid, "-n", 2, "--out", tmp_path / "s.png", "--quiet"))
     assert "NFE: 3 per batch" in result.output
     assert str(np.load(tmp_path / "s.npz")["grid"]) == str(grid)
