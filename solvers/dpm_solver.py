@@ -289,7 +289,8 @@ def dpm_solver(
     ``(p_i, c_i, s_i)`` per step, fitted by :func:`solvers.calibrate_grid` and taken from ``t_grid``
     when it carries them: the predictor's weights become ``w_DDIM + p_i (w - w_DDIM)``, the
     corrector's ``w_pred + c_i (w_corr - w_pred)``, and the network is evaluated at the same ``y``
-    with ``sigma_i e^{s_i}``; ``(1, 1, 0)`` is the solver itself, still ``steps`` NFE). The first
+    with ``sigma_i e^{s_i}``, at most ``sigma(T)``; ``(1, 1, 0)`` is the solver itself, still
+    ``steps`` NFE). The first
     steps warm up at lower order (order ``i + 1`` at step ``i``) since only ``i + 1`` evaluations exist yet.
     """
     check_knobs("dpm_solver", knobs, KNOBS["dpm_solver"])
