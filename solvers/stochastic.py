@@ -450,19 +450,15 @@ class _TorchsdeReverse(torch.nn.Module):
             self._t_batch[row[1]] = self.run.times(row[1])  # the model's (B,) time, built once
 
     def _coeffs(self, tau: Tensor) -> Tuple[float, float, float, float, float]:
-        """``(t, alpha, std, f, g)`` at ``t = T - tau``: precomputed at the step times, memoised
-        elsewhere (torchsde asks for f and g at the same times, and its contract check asks again;
-        one entry per distinct time of the run, a few floats each)."""
+        """``(t, alpha, std, f, g)`` at ``t = T - tau``: precomputed at the step times, added by
+        :meth:`precompute` for any other time asked (sub-steps, SRK stages; torchsde asks for f and g
+        at the same times, and its contract check asks again; a few floats per distinct time)."""
         key = float(tau)
         hit = self._coeff_at.get(key)
-        if hit is not None:
-            return hit
-        t = torch.as_tensor(self.sde_.T - key, dtype=torch.float64).clamp(0.0, self.sde_.T)
-        with unchecked():
-            a, s = float(self.sde_.alpha(t)), float(self.sde_.std(t))
-            f, g = self.sde_.sde(torch.ones(1, 1, dtype=torch.float64), t.reshape(1))
-        out = self._coeff_at[key] = (float(t), a, s, float(f), float(g))
-        return out
+        if hit is None:
+            self.precompute([key])
+            hit = self._coeff_at[key]
+        return hit
 
     def f(self, tau: Tensor, y: Tensor) -> Tensor:
         # torchsde's contract check evaluates f at the start point once more: reuse that evaluation.
@@ -487,7 +483,7 @@ class _TorchsdeReverse(torch.nn.Module):
 
     def f_and_g_prod(self, tau: Tensor, y: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """What torchsde's Euler-type steps ask for; defining it skips torchsde's default wrapper."""
-        return self.f(tau, y), self._coeffs(tau)[4] * v
+        return self.f(tau, y), self.g_prod(tau, y, v)
 
 
 class _SampleBrownian:
