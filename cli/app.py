@@ -379,6 +379,8 @@ def calibrate(
     with user_errors():
         knobs = parse_pairs(knob, "--knob")
         check_knobs("dpm_solver", knobs, solvers.SAMPLER_KNOBS["dpm_solver"])
+        if "coefficients" in knobs:
+            raise UserError("calibrate fits the coefficients itself: use --coefficients / --no-coefficients")
         if pilot_steps < steps:
             raise UserError(f"--pilot-steps must be at least --steps ({steps}); got {pilot_steps}")
         if out.suffix.lower() != ".json":

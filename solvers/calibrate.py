@@ -80,7 +80,7 @@ from .dpm_solver import KNOBS, dpm_solver
 from ._levels import levels
 
 #: knobs of ``dpm_solver`` that a calibrated grid replaces (so they cannot be passed through)
-_GRID_KNOBS = ("schedule", "t_grid", "interp", "coefficients")
+_GRID_KNOBS = ("schedule", "t_grid", "interp")  # (coefficients is an argument of its own)
 _FORMAT, _FORMAT_V1 = "scoresde.CalibratedGrid/2", "scoresde.CalibratedGrid/1"
 _FINE = 400  # points of the fine default grid the warp interpolates
 
@@ -376,17 +376,23 @@ def calibrate_grid(
         if bar is not None:
             bar.close()
 
+        def validate(candidates: Sequence[Any], val_of: Callable[[Any], float], fit_of: Callable[[Any], float],
+                     known_val: Dict[int, float], known_fit: Dict[int, float]) -> Tuple[int, float, float, int]:
+            """Steps 5 and 7: score ``(none, half-way, fitted)`` on the validation half (values already
+            known are not recomputed); the lowest wins, the first on a tie. Returns the pick, its
+            validation and fit-half scores, and 1 if the fit-half score had to be computed (a try)."""
+            scored = [(known_val[i] if i in known_val else val_of(c), i) for i, c in enumerate(candidates)]
+            val, pick = min(scored)
+            if pick in known_fit:
+                return pick, val, known_fit[pick], 0
+            return pick, val, fit_of(candidates[pick]), 1
+
         # 5. validation: the fit, half of it, or the default grid (listed first: it wins ties)
-        candidates = ([0.0] * knots, [v / 2 for v in g], g)
-        scored = [(score(val_set, to_times(c)), i) for i, c in enumerate(candidates)]
-        val_default = scored[0][0]
-        val_best, pick = min(scored)
-        if pick != 2:
-            g = candidates[pick]
-            if pick == 1:
-                best, tried = score(fit_set, to_times(g)), tried + 1
-            else:
-                best = default
+        val_default = score(val_set, to_times([0.0] * knots))
+        warps = ([0.0] * knots, [v / 2 for v in g], g)
+        pick, val_best, best, extra = validate(warps, lambda c: score(val_set, to_times(c)),
+                                               lambda c: score(fit_set, to_times(c)), {0: val_default}, {0: default, 2: best})
+        g, tried = warps[pick], tried + extra
         times = to_times(g)
         val_grid = val_best
 
@@ -409,15 +415,10 @@ def calibrate_grid(
             if c_bar is not None:
                 c_bar.close()
             halfway = [(1.0 + (p - 1.0) / 2, 1.0 + (c - 1.0) / 2, sh / 2) for p, c, sh in found]
-            c_scored = [(val_grid, 0)] + [(score(val_set, times, cand), i) for i, cand in ((1, halfway), (2, found))]
-            c_best, c_pick = min(c_scored)
-            if c_pick:
-                coefs = halfway if c_pick == 1 else found
-                if c_pick == 2:
-                    best = fit_mse
-                else:  # a re-scored half-way set counts as a set tried
-                    best, coef_tried = score(fit_set, times, coefs), coef_tried + 1
-                val_best = c_best
+            sets = (None, halfway, found)
+            pick, val_best, best, extra = validate(sets, lambda c: score(val_set, times, c), lambda c: score(fit_set, times, c),
+                                                   {0: val_grid}, {0: best, 2: fit_mse})
+            coefs, coef_tried = sets[pick], coef_tried + extra
     if not all(b < a for a, b in zip(times, times[1:])):  # pragma: no cover - the warp is monotone
         raise RuntimeError("calibrated grid is not strictly decreasing")
     return CalibratedGrid(

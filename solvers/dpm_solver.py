@@ -393,7 +393,7 @@ def dpm_solver(
     for i in run.steps(n, "dpm_solver"):
         eps = run.eps(eval_alpha[i] * y, eval_t[i])
         d = torch.add(y, eps, alpha=-eval_sigma[i])
-        evals.insert(0, (d, y, lv.sigma[i]))
+        evals.insert(0, (d, y, lv.sigma[i]))  # used as the denoiser at the step's sigma_i, shifted or not
         del evals[_MAX_ORDER + 1 :]  # the corrector of an order-3 step uses 4 points
         if shift and corrector:
             scores.insert(0, torch.mul(eps, -1.0 / lv.sigma[i]))  # (D - y) / sigma^2

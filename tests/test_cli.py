@@ -261,3 +261,5 @@ def test_calibrate_then_sample_on_the_grid(run, tmp_path):
     assert_one_line_error(invoke("calibrate", ckpt, "--steps", 3, "--pilot-steps", 2, "--out", grid), "--pilot-steps")
     assert_one_line_error(invoke("calibrate", ckpt, "--steps", 3, "--knob", "schedule=logsnr", "--out", grid, "--quiet"),
                           "schedule")
+    assert_one_line_error(invoke("calibrate", ckpt, "--steps", 3, "--knob", "coefficients=none", "--out", grid, "--quiet"),
+                          "--no-coefficients")
