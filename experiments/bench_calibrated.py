@@ -86,17 +86,17 @@ def main(argv: Optional[list] = None) -> None:
             t0 = time.time()
             extra = {} if args.knots is None else {"knots": args.knots}
             tag = "" if args.knots is None else f"_k{args.knots}"
+            # calibrate_grid's own default, resolved here because the cache file is named by it
             fit_coefs = {"on": True, "off": False}.get(args.coefficients, nfe <= solvers.calibrate.COEFFICIENTS_UP_TO)
             extra["coefficients"] = fit_coefs
             tag += "_coef" if fit_coefs else "_grid"
-            pilot = args.pilot
-            gpath = args.grid_cache and os.path.join(args.grid_cache, f"{pname}_{nfe}_{pilot}{tag}.json")
+            gpath = args.grid_cache and os.path.join(args.grid_cache, f"{pname}_{nfe}_{args.pilot}{tag}.json")
             if gpath and os.path.exists(gpath):
                 grid = solvers.CalibratedGrid.load(gpath)
                 with open(gpath + ".seconds") as f:
                     secs = float(f.read())
             else:
-                grid = solvers.calibrate_grid(model, sde, (mixture.dim,), steps=nfe, pilot_samples=pilot, dtype=P.DTYPE,
+                grid = solvers.calibrate_grid(model, sde, (mixture.dim,), steps=nfe, pilot_samples=args.pilot, dtype=P.DTYPE,
                                               **extra)
                 secs = time.time() - t0
                 if gpath:
