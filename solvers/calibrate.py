@@ -75,8 +75,8 @@ import torch
 from scoresde.noise import SampleNoise
 from scoresde.sde import SDE
 
-from .base import CountingModel, model_device
-from .dpm_solver import KNOBS, dpm_solver
+from .base import CountingModel, Run, model_device
+from .dpm_solver import KNOBS, _integrate, _plan, _State, dpm_solver
 from ._levels import levels
 
 #: knobs of ``dpm_solver`` that a calibrated grid replaces (so they cannot be passed through)
@@ -256,7 +256,9 @@ def calibrate_grid(
     ``steps <= COEFFICIENTS_UP_TO`` (15). ``batch_size``: evaluate in chunks of this many samples
     (``None``: all at once). ``progress``: a bar in sample-NFE over the screen and the accurate
     solves, then one over the grids tried (a fit tries ~150-450) and one over the coefficient sets
-    (~600-2000 at 10 steps). The result depends only on the model, the SDE, the arguments here and
+    (~600-2000 at 10 steps). The coefficient search keeps the per-step states of two runs over the
+    fit half (about ``4 steps`` tensors the size of that half's pilot, ``at_risk x pilot_samples / 2
+    + typical_samples`` samples). The result depends only on the model, the SDE, the arguments here and
     ``pilot_seed`` -- never on the batch later sampled with it.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
@@ -316,6 +318,23 @@ def calibrate_grid(
                 prep_bar.update(outs[-1].shape[0] * n)
         return torch.cat(outs)
 
+    def solve_from(start: torch.Tensor, first: int, traces: Optional[List[List[_State]]],
+                   **kw: Any) -> Tuple[torch.Tensor, List[List[_State]]]:
+        """``solve(start, steps, **kw)`` rerun from step ``first`` of the runs whose per-chunk states
+        ``traces`` holds (their steps before ``first`` must be those of ``kw``; bit-identical to the
+        full run), recording the new runs' states."""
+        plan = _plan(sde, steps, {**knobs, **kw})
+        size = start.shape[0] if chunk is None else chunk
+        cost[0] += start.shape[0] * (steps - first)
+        outs, new = [], []
+        for j, a in enumerate(range(0, start.shape[0], size)):
+            part = start[a : a + size]
+            trace = [] if first == 0 or traces is None else list(traces[j][:first])
+            resume = None if first == 0 or traces is None else (first, traces[j][first])
+            outs.append(_integrate(plan, Run(counted, sde, part, model_kwargs=mk), part, resume, trace))
+            new.append(trace)
+        return torch.cat(outs), new
+
     def to_times(knot_values: Sequence[float]) -> List[float]:
         lam = torch.tensor(warp_grid(fine.lam, knot_values, steps), dtype=torch.float64)
         t = sde.t_from_sigma(torch.exp(-lam))
@@ -348,13 +367,17 @@ def calibrate_grid(
         fit_set = stratum(torch.arange(half))
         val_set = stratum(torch.arange(half, pilot_samples))
 
+        def weighted_mse(out: torch.Tensor, data: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
+            """The stratum's weighted mean squared error of the endpoints ``out`` of its starts."""
+            _, ref, w = data
+            err = (out.to(torch.float64) - ref).pow(2)
+            return float((w * err.reshape(len(w), -1).sum(1)).sum())
+
         def score(data: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], t_grid: Sequence[float],
                   coefs: Optional[Sequence[Tuple[float, float, float]]] = None) -> float:
             """Estimated mean squared endpoint error of the ``steps``-step solver on the times
             ``t_grid`` with per-step ``coefs``."""
-            x, ref, w = data
-            err = (solve(x, steps, t_grid=t_grid, coefficients=coefs).to(torch.float64) - ref).pow(2)
-            return float((w * err.reshape(len(w), -1).sum(1)).sum())
+            return weighted_mse(solve(data[0], steps, t_grid=t_grid, coefficients=coefs), data)
 
         bar = None
         if prep_bar is not None:
@@ -402,16 +425,29 @@ def calibrate_grid(
         if coefficients:
             c_bar = tqdm(desc=f"fitting {steps}-step coefficients", unit="set", leave=False) if progress else None
 
+            triples = lambda flat: [tuple(flat[3 * i : 3 * i + 3]) for i in range(steps)]  # noqa: E731
+            # A set differs from the descent's current point in one step i, so only steps i.. are
+            # rerun, from the current point's recorded states (bit-identical results; at N = 10 the
+            # search takes ~40 % fewer sample-NFE). The descent moves iff a value is lower than the
+            # current one, the rule that tracks its current point here.
+            start = [1.0, 1.0, 0.0] * steps
+            current = {"flat": start, "value": best, "traces": solve_from(fit_set[0], 0, None, t_grid=times, coefficients=triples(start))[1]}
+
             def coef_mse(flat: List[float]) -> float:
-                v = score(fit_set, times, [tuple(flat[3 * i : 3 * i + 3]) for i in range(steps)])
+                cur = current["flat"]
+                first = next((i for i in range(steps) if flat[3 * i : 3 * i + 3] != cur[3 * i : 3 * i + 3]), 0)
+                out, traces = solve_from(fit_set[0], first, current["traces"], t_grid=times, coefficients=triples(flat))
+                v = weighted_mse(out, fit_set)
+                if v < current["value"]:
+                    current.update(flat=list(flat), value=v, traces=traces)
                 if c_bar is not None:
                     c_bar.update(1)
                     c_bar.set_postfix(rms=f"{math.sqrt(v):.3g}")
                 return v
 
-            flat, fit_mse, coef_tried = _coordinate_descent(coef_mse, [1.0, 1.0, 0.0] * steps, best,
-                                                            list(_COEF_DELTAS) * steps, max_sweeps)
-            found = [tuple(flat[3 * i : 3 * i + 3]) for i in range(steps)]
+            flat, fit_mse, coef_tried = _coordinate_descent(coef_mse, start, best, list(_COEF_DELTAS) * steps, max_sweeps)
+            del current
+            found = triples(flat)
             if c_bar is not None:
                 c_bar.close()
             halfway = [(1.0 + (p - 1.0) / 2, 1.0 + (c - 1.0) / 2, sh / 2) for p, c, sh in found]

@@ -50,7 +50,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -293,6 +294,42 @@ def dpm_solver(
     ``steps`` NFE). The first
     steps warm up at lower order (order ``i + 1`` at step ``i``) since only ``i + 1`` evaluations exist yet.
     """
+    plan = _plan(sde, steps, knobs)
+    return _integrate(plan, Run(model, sde, x_T, generator, callback, progress, model_kwargs), x_T)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything ``dpm_solver`` computes from the grid and the knobs before touching the batch
+    (host floats): the levels, the predictor / corrector weights and decay of each step, and the
+    ``(t, alpha, sigma)`` at which the network is evaluated at each step."""
+
+    lv: Levels
+    pred_w: List[List[float]]
+    corr_w: List[List[float]]
+    decays: List[float]
+    eval_t: List[float]
+    eval_alpha: List[float]
+    eval_sigma: List[float]
+    corrector: bool
+    shift: bool
+    final_gaussian: bool
+    denoise: bool
+
+
+class _State(NamedTuple):
+    """The loop's state at the start of a step: ``y``, the newest evaluations ``(D_j, y_j, sigma_j)``
+    (newest first), the scores kept for ``shift_eval`` and the state the corrector redoes from. Its
+    tensors are never modified in place, so a recorded state can be resumed from any number of times."""
+
+    y: torch.Tensor
+    evals: Tuple[Tuple[torch.Tensor, torch.Tensor, float], ...]
+    scores: Tuple[torch.Tensor, ...]
+    y_start: torch.Tensor
+
+
+def _plan(sde, steps: int, knobs: Dict[str, Any]) -> _Plan:
+    """Check ``knobs`` and build the :class:`_Plan` of a ``steps``-step run."""
     check_knobs("dpm_solver", knobs, KNOBS["dpm_solver"])
     o = {**KNOBS["dpm_solver"], **knobs}
     order = o["order"]
@@ -324,7 +361,6 @@ def dpm_solver(
     else:
         lv = levels(sde, steps, o["schedule"], o["t_min"], "dpm_solver", **extra)
     coefs = _coefficients(o["coefficients"] if o["coefficients"] is not None else getattr(o["t_grid"], "coefficients", None), lv.steps)
-    run = Run(model, sde, x_T, generator, callback, progress, model_kwargs)
     n, lam = lv.steps, lv.lam
 
     def step_order(i: int) -> int:
@@ -364,14 +400,6 @@ def dpm_solver(
             full_c = corr_w[-1] + [0.0] * (m - len(corr_w[-1]))
             corr_w[-1] = [b + cc * (w - b) for b, w in zip(base_c, full_c)]
 
-    def advance(decay: float, y0: torch.Tensor, w: List[float], ds: List[torch.Tensor]) -> torch.Tensor:
-        """``decay y0 + sum_j w_j D_j``: one fresh tensor, then fused in-place multiply-adds."""
-        assert len(ds) >= len(w)
-        acc = torch.mul(y0, decay)
-        for wj, dj in zip(w, ds):
-            acc.add_(dj, alpha=wj)
-        return acc
-
     # where the network is evaluated: at (t_i, sigma_i), or at sigma_i e^{shift_i} for the same y
     eval_t, eval_alpha, eval_sigma = list(lv.t[:n]), list(lv.alpha[:n]), list(lv.sigma[:n])
     if coefs is not None and any(c[2] != 0.0 for c in coefs):
@@ -384,13 +412,44 @@ def dpm_solver(
             if coefs[i][2] != 0.0:
                 eval_t[i], eval_alpha[i], eval_sigma[i] = float(te[i]), float(ae[i]), float(se[i])
 
-    y = x_T / lv.alpha[0]  # state in y = x / alpha
-    # newest first: (D_j, the y where D_j was evaluated, sigma_j)
-    evals: List[Tuple[torch.Tensor, torch.Tensor, float]] = []
-    scores: List[torch.Tensor] = []  # (D - y) / sigma^2 of the two newest evals, for shift_eval
+    return _Plan(lv, pred_w, corr_w, decays, eval_t, eval_alpha, eval_sigma, corrector, shift,
+                 final_step == "gaussian", denoise)
+
+
+def _advance(decay: float, y0: torch.Tensor, w: List[float], ds: List[torch.Tensor]) -> torch.Tensor:
+    """``decay y0 + sum_j w_j D_j``: one fresh tensor, then fused in-place multiply-adds."""
+    assert len(ds) >= len(w)
+    acc = torch.mul(y0, decay)
+    for wj, dj in zip(w, ds):
+        acc.add_(dj, alpha=wj)
+    return acc
+
+
+def _integrate(plan: _Plan, run: Run, x_T: torch.Tensor, resume: Optional[Tuple[int, _State]] = None,
+               trace: Optional[List[_State]] = None) -> torch.Tensor:
+    """The steps of :func:`dpm_solver` from ``x_T``, or from step ``k`` of ``resume = (k, state)``
+    (the state recorded at the start of step ``k`` of a run whose steps ``< k`` were the same; the
+    result is then bit-identical to the full run's). ``trace``: a list to which the state at the
+    start of each step run is appended (used by :func:`solvers.calibrate_grid`, whose coefficient
+    search changes one step at a time and reruns only the steps from there)."""
+    lv, n = plan.lv, plan.lv.steps
+    corrector, shift, denoise = plan.corrector, plan.shift, plan.denoise
+    pred_w, corr_w, decays = plan.pred_w, plan.corr_w, plan.decays
+    eval_t, eval_alpha, eval_sigma = plan.eval_t, plan.eval_alpha, plan.eval_sigma
+    first = 0
+    if resume is None:
+        y = x_T / lv.alpha[0]  # state in y = x / alpha
+        # newest first: (D_j, the y where D_j was evaluated, sigma_j)
+        evals: List[Tuple[torch.Tensor, torch.Tensor, float]] = []
+        scores: List[torch.Tensor] = []  # (D - y) / sigma^2 of the two newest evals, for shift_eval
+        y_start = y  # state at the start of the previous step (the corrector redoes that step)
+    else:
+        first, state = resume
+        y, evals, scores, y_start = state.y, list(state.evals), list(state.scores), state.y_start
     x0: Optional[torch.Tensor] = None
-    y_start = y  # state at the start of the previous step (the corrector redoes that step)
-    for i in run.steps(n, "dpm_solver"):
+    for i in run.steps(n, "dpm_solver") if first == 0 else range(first, n):
+        if trace is not None:
+            trace.append(_State(y, tuple(evals), tuple(scores), y_start))
         eps = run.eps(eval_alpha[i] * y, eval_t[i])
         d = torch.add(y, eps, alpha=-eval_sigma[i])
         evals.insert(0, (d, y, lv.sigma[i]))  # used as the denoiser at the step's sigma_i, shifted or not
@@ -401,16 +460,16 @@ def dpm_solver(
         ds = [e[0] for e in evals]
         if corrector and i > 0:
             # Adams-Moulton redo of step i-1 including the new D_i; D_i itself is not re-evaluated.
-            y = advance(decays[i - 1], y_start, corr_w[i - 1], ds)
+            y = _advance(decays[i - 1], y_start, corr_w[i - 1], ds)
             if shift:  # move D_i to the corrected state (its slope from the local Gaussian fit)
                 d_new, scores[0] = _shift(y, evals[0], evals[1], scores[0], scores[1])
                 evals[0] = (d_new, y, lv.sigma[i])
                 ds[0] = evals[0][0]
         y_start = y
-        if final_step == "gaussian" and i == n - 1 and n >= 2:
+        if plan.final_gaussian and i == n - 1 and n >= 2:
             y, x0 = local_gaussian_step(y, evals[0], evals[1], lv.sigma[n])
         else:
-            y = advance(decays[i], y, pred_w[i], ds)
+            y = _advance(decays[i], y, pred_w[i], ds)
         # x = alpha y is finite iff y is (alpha > 0): build x only when a callback will read it
         run.report(i, lv.t[i + 1], lv.alpha[i + 1] * y if run.callback is not None else y, d)
     if not denoise:

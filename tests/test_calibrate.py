@@ -154,9 +154,11 @@ def test_pilot_cost_is_counted():
     assert counted.nfe == g.network_calls == len(evaluated)
     assert g.pilot_cost == sum(evaluated)
     # screen (2N + N + N + N steps on 40), accurate (30 steps on 2 x (1 + 8)), grids tried and their
-    # validation's 3, coefficient sets tried and their validation's 2
+    # validation's 3, the coefficient search's recorded start and the validation's 2 sets: all N steps
+    # on the 9 of a half; each coefficient set tried reruns only the steps from the one it changes
     assert g.coefficients_tried > 0
-    assert g.pilot_cost == 40 * 5 * 4 + 18 * 30 + 9 * 4 * (g.grids_tried + 3 + g.coefficients_tried + 2)
+    whole = 40 * 5 * 4 + 18 * 30 + 9 * 4 * (g.grids_tried + 3 + 1 + 2)
+    assert whole + 9 * 1 * g.coefficients_tried <= g.pilot_cost < whole + 9 * 4 * g.coefficients_tried
     # the progress bar only reports: the same grid with it on
     shown = calibrate_grid(model, sde, (3,), steps=4, pilot_samples=40, typical_samples=8, pilot_steps=30, dtype=F64,
                            progress=True, **COARSE)
@@ -284,6 +286,31 @@ def test_unit_coefficients_are_the_solver_itself():
     f = DETERMINISTIC["dpm_solver"]
     torch.testing.assert_close(f(model, sde, x_T, steps=8, coefficients=[(1.0, 1.0, 0.0)] * 8), f(model, sde, x_T, steps=8),
                                rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("knobs", [{}, {"shift_eval": True}, {"final_step": "dpm", "denoise_final": False}])
+def test_resumed_run_is_bit_identical_to_the_full_run(knobs):
+    """The coefficient search reruns only the steps from the one a set changes, from the states
+    recorded by the run it departs from: that must be exactly (torch.equal) the full run."""
+    from solvers.base import Run
+    from solvers.dpm_solver import _integrate, _plan
+
+    sde, model, x_T = _ring_problem()
+    base = [(1.0, 1.0, 0.0)] * 8
+    trace = []
+    _integrate(_plan(sde, 8, {**knobs, "coefficients": base}), Run(model, sde, x_T), x_T, trace=trace)
+    assert len(trace) == 8
+    for k, change in ((0, (1.5, 0.5, 0.1)), (3, (1.25, 1.0, 0.0)), (6, (0.75, 1.25, -0.2)), (7, (1.0, 1.0, 0.3))):
+        coefs = list(base)
+        coefs[k] = change
+        plan = _plan(sde, 8, {**knobs, "coefficients": coefs})
+        again = list(trace[:k])
+        resumed = _integrate(plan, Run(model, sde, x_T), x_T, resume=(k, trace[k]), trace=again)
+        full_trace = []
+        full = _integrate(plan, Run(model, sde, x_T), x_T, trace=full_trace)
+        assert torch.equal(resumed, full)
+        assert full.ne(_integrate(_plan(sde, 8, {**knobs, "coefficients": base}), Run(model, sde, x_T), x_T)).any()
+        assert len(again) == 8 and all(torch.equal(a.y, b.y) for a, b in zip(again, full_trace))
 
 
 def test_zero_coefficients_are_ddim():
