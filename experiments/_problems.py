@@ -83,8 +83,37 @@ EXTRA_PROBLEMS: Dict[str, Callable[[], GaussianMixture]] = {
     "rand64": lambda: GaussianMixture.random(64, k=16, seed=4, scale=0.8, std_range=(0.15, 0.5)),
 }
 
+def _spiral10() -> GaussianMixture:
+    """Ten components along a spiral (radius 1 .. 5.05, 1.1 rad apart), widths 0.05 .. 0.3, random weights."""
+    g = torch.Generator().manual_seed(21)
+    k = torch.arange(10, dtype=torch.float64)
+    r, th = 1.0 + 0.45 * k, 1.1 * k
+    means = torch.stack([r * torch.cos(th), r * torch.sin(th)], 1)
+    stds = 0.05 + 0.25 * torch.rand(10, generator=g, dtype=torch.float64)
+    w = torch.rand(10, generator=g, dtype=torch.float64) + 0.1
+    return GaussianMixture(means, stds, w / w.sum())
+
+
+def _ring6_far() -> GaussianMixture:
+    """A radius-2 ring of six narrow components (width 0.15) and one wide, heavy component far out at (9, 0)."""
+    ang = torch.arange(6, dtype=torch.float64) * (math.pi / 3)
+    means = torch.cat([2.0 * torch.stack([torch.cos(ang), torch.sin(ang)], 1), torch.tensor([[9.0, 0.0]], dtype=torch.float64)])
+    stds = torch.tensor([0.15] * 6 + [0.5], dtype=torch.float64)
+    w = torch.tensor([0.1, 0.05, 0.15, 0.08, 0.12, 0.1, 0.4], dtype=torch.float64)
+    return GaussianMixture(means, stds, w / w.sum())
+
+
+#: Fresh mixtures, added in the fifth session after every default (grid, knots, coefficients,
+#: pilot) had been fixed, and used only to check them: a spiral, a ring with a far outlier, and
+#: many narrow components in 8-D.
+FRESH_PROBLEMS: Dict[str, Callable[[], GaussianMixture]] = {
+    "spiral10": _spiral10,
+    "ring6_far": _ring6_far,
+    "rand8_k24": lambda: GaussianMixture.random(8, k=24, seed=5, scale=1.2, std_range=(0.05, 0.25)),
+}
+
 #: every problem by name (``PROBLEMS`` first).
-ALL_PROBLEMS: Dict[str, Callable[[], GaussianMixture]] = {**PROBLEMS, **EXTRA_PROBLEMS}
+ALL_PROBLEMS: Dict[str, Callable[[], GaussianMixture]] = {**PROBLEMS, **EXTRA_PROBLEMS, **FRESH_PROBLEMS}
 
 #: a small subset for --quick smoke runs
 QUICK_PROBLEMS = ("ring8", "rand16_s0")
