@@ -52,10 +52,11 @@ model is only *called*, never inspected (no mixture parameters, no data):
 
 Cost, paid once per ``(model, sde, sample shape, N)``, in sample-NFE: ``pilot_samples x 5N`` for the
 screen, ``(at_risk x pilot_samples + 2 typical_samples) x pilot_steps`` for the accurate solves
-and ``(at_risk x pilot_samples / 2 + typical_samples) x N`` per grid or coefficient set tried
-(typically 150-450 grids and, at N = 10, 600-2000 coefficient sets): with the defaults 35-92 M
-sample-NFE at N = 10 (10-20 M for the grid alone) and 19-64 M at N = 20 (grid alone), the cost of
-sampling 2-9 M samples. The result, a :class:`CalibratedGrid`, states it (``pilot_cost``) and is passed to the
+and ``(at_risk x pilot_samples / 2 + typical_samples) x N`` per grid tried; a coefficient set
+reruns only the steps from the one it changes, about ``0.6 N`` on average (typically 150-450
+grids and, at N = 10, 600-2000 coefficient sets): with the defaults 25-62 M sample-NFE at N = 10
+(10-20 M for the grid alone) and 19-64 M at N = 20 (grid alone), the cost of sampling 2-6 M
+samples. The result, a :class:`CalibratedGrid`, states it (``pilot_cost``) and is passed to the
 sampler as ``dpm_solver(..., steps=N, t_grid=grid)``; sampling itself then costs exactly ``N``
 NFE. Use :class:`GridCache` to keep one grid per ``N``, and :meth:`CalibratedGrid.save` /
 :meth:`CalibratedGrid.load` to keep it across runs (``scoresde calibrate`` / ``sample --grid``).
@@ -177,9 +178,10 @@ def warp_grid(base_lam: Sequence[float], knots: Sequence[float], steps: int) -> 
 
 
 #: ``coefficients=None`` fits per-step coefficients up to this many steps. Measured: at 10 steps the
-#: validation kept them on 10 of 10 mixtures (validation RMS -2 to -27 %, for 35-92 M sample-NFE);
-#: at 20 steps on 1 of 3 (-4 %), for 185-342 M sample-NFE, ten times the grid's own fit (the
-#: grid alone is 2.8x-30x better than the best peer there).
+#: validation kept them on 10 of 10 mixtures (validation RMS -2 to -27 %, for 35-92 M sample-NFE,
+#: 25-62 M since the search reruns only the changed steps); at 20 steps on 1 of 3 (-4 %), for
+#: 185-342 M sample-NFE (before that saving), ten times the grid's own fit (the grid alone is
+#: 2.8x-30x better than the best peer there).
 COEFFICIENTS_UP_TO = 15
 
 #: coordinate-descent steps of the per-step coefficients (predictor scale, corrector scale, shift)
