@@ -77,7 +77,7 @@ from scoresde.noise import SampleNoise
 from scoresde.sde import SDE
 
 from .base import CountingModel, Run, model_device
-from .dpm_solver import KNOBS, _integrate, _plan, _State, dpm_solver
+from .dpm_solver import KNOBS, _integrate, _plan, _State
 from ._levels import levels
 
 #: knobs of ``dpm_solver`` that a calibrated grid replaces (so they cannot be passed through)
@@ -307,35 +307,29 @@ def calibrate_grid(
         prep = pilot_samples * (2 + len(screens)) * steps + accurate * pilot_steps
         prep_bar = tqdm(total=prep, desc="screen and accurate solves", unit="sample-NFE", unit_scale=True, leave=False)
 
-    def solve(start: torch.Tensor, n: int, **kw: Any) -> torch.Tensor:
+    def solve(start: torch.Tensor, n: int, first: int = 0, traces: Optional[List[List[_State]]] = None,
+              record: Optional[List[List[_State]]] = None, **kw: Any) -> torch.Tensor:
+        """``dpm_solver`` with ``n`` steps from ``start`` in chunks, counting the sample-NFE. With
+        ``traces`` (per-chunk states of an earlier run whose steps before ``first`` were those of
+        ``kw``), rerun only steps ``first..``: bit-identical to the full run. ``record``: a list
+        that receives this run's per-chunk states."""
         kw = {**knobs, **kw}
         if "t_grid" in kw:
             kw.pop("t_min", None)
+        plan = _plan(sde, n, kw)
         size = start.shape[0] if chunk is None else chunk
-        cost[0] += start.shape[0] * n
+        cost[0] += start.shape[0] * (n - first)
         outs = []
-        for a in range(0, start.shape[0], size):
-            outs.append(dpm_solver(counted, sde, start[a : a + size], steps=n, model_kwargs=mk, **kw))
+        for j, a in enumerate(range(0, start.shape[0], size)):
+            part = start[a : a + size]
+            resume = (first, traces[j][first]) if first else None
+            trace = list(traces[j][:first]) if first else [] if record is not None else None
+            outs.append(_integrate(plan, Run(counted, sde, part, model_kwargs=mk), part, resume, trace))
+            if record is not None:
+                record.append(trace)
             if prep_bar is not None:
                 prep_bar.update(outs[-1].shape[0] * n)
         return torch.cat(outs)
-
-    def solve_from(start: torch.Tensor, first: int, traces: Optional[List[List[_State]]],
-                   **kw: Any) -> Tuple[torch.Tensor, List[List[_State]]]:
-        """``solve(start, steps, **kw)`` rerun from step ``first`` of the runs whose per-chunk states
-        ``traces`` holds (their steps before ``first`` must be those of ``kw``; bit-identical to the
-        full run), recording the new runs' states."""
-        plan = _plan(sde, steps, {**knobs, **kw})
-        size = start.shape[0] if chunk is None else chunk
-        cost[0] += start.shape[0] * (steps - first)
-        outs, new = [], []
-        for j, a in enumerate(range(0, start.shape[0], size)):
-            part = start[a : a + size]
-            trace = [] if first == 0 or traces is None else list(traces[j][:first])
-            resume = None if first == 0 or traces is None else (first, traces[j][first])
-            outs.append(_integrate(plan, Run(counted, sde, part, model_kwargs=mk), part, resume, trace))
-            new.append(trace)
-        return torch.cat(outs), new
 
     def to_times(knot_values: Sequence[float]) -> List[float]:
         lam = torch.tensor(warp_grid(fine.lam, knot_values, steps), dtype=torch.float64)
@@ -433,12 +427,14 @@ def calibrate_grid(
             # search takes ~40 % fewer sample-NFE). The descent moves iff a value is lower than the
             # current one, the rule that tracks its current point here.
             start = [1.0, 1.0, 0.0] * steps
-            current = {"flat": start, "value": best, "traces": solve_from(fit_set[0], 0, None, t_grid=times, coefficients=triples(start))[1]}
+            current: Dict[str, Any] = {"flat": start, "value": best, "traces": []}
+            solve(fit_set[0], steps, record=current["traces"], t_grid=times, coefficients=triples(start))
 
             def coef_mse(flat: List[float]) -> float:
                 cur = current["flat"]
                 first = next((i for i in range(steps) if flat[3 * i : 3 * i + 3] != cur[3 * i : 3 * i + 3]), 0)
-                out, traces = solve_from(fit_set[0], first, current["traces"], t_grid=times, coefficients=triples(flat))
+                traces: List[List[_State]] = []
+                out = solve(fit_set[0], steps, first, current["traces"], record=traces, t_grid=times, coefficients=triples(flat))
                 v = weighted_mse(out, fit_set)
                 if v < current["value"]:
                     current.update(flat=list(flat), value=v, traces=traces)
