@@ -17,7 +17,7 @@ comparison. Conventions (identical for our samplers and the peers):
   is the exact ODE solution from its own start ``(sigma_0, y_0)`` to its own ``sigma_end``,
   integrated adaptively in float64 (:func:`reference_solution`). Errors are compared in ``y``.
 * **RMS endpoint error.** Root-mean-square over samples AND coordinates,
-  ``sqrt(mean_{i,j} (y_ij - y_ref,ij)^2)`` (as ``solvers._reference.rms``); the per-sample
+  ``sqrt(mean_{i,j} (y_ij - y_ref,ij)^2)`` (as ``solvers.reference.rms``); the per-sample
   Euclidean norm's RMS is ``sqrt(dim)`` times larger.
 * **MMD.** Gaussian kernel ``k(x, x') = exp(-|x - x'|^2 / (2 h^2))``; the mixture terms are
   Gaussian convolutions, computed exactly (:func:`mmd2`), so only the sample terms carry noise; the

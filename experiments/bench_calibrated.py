@@ -8,7 +8,7 @@ Per problem and NFE: calibrate a grid on a screen of ``--pilot`` starts drawn fr
 pilot and the validation half), then run ``dpm_solver`` with default knobs on
 the default grid and on the calibrated grid from ``starting_noise(dim, n, seed)`` (the benchmark's
 ``z``) and measure the RMS endpoint error against the same reference as ``bench_peers.py``
-(``solvers._reference.reference_solution``, dopri5 at 1e-9, Tweedie at ``t_min``). The pilot's cost
+(``solvers.reference.reference_solution``, dopri5 at 1e-9, Tweedie at ``t_min``). The pilot's cost
 is reported separately (``pilot_cost``: network evaluations x samples, paid once per grid); the
 sampling itself costs exactly NFE per sample. Writes ``docs/results/calibrated.csv``. A grid does
 not depend on the evaluation noise, so ``--grid-cache DIR`` keeps each one (JSON) for reruns on
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _problems as P  # noqa: E402
 
 import solvers  # noqa: E402
-from solvers._reference import reference_solution  # noqa: E402
+from solvers.reference import reference_solution  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "results")
 

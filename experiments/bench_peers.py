@@ -21,7 +21,7 @@ continuous limit of DDPM's linear betas 1e-4 .. 0.02) and the SAME standard-norm
 
 Reference (identical rule for every solver): the probability-flow ODE from the solver's own start
 ``(sigma_0, z)`` down to the bottom of the noise range, solved with
-``solvers._reference.reference_solution`` (dopri5, rtol = atol = 1e-9, float64), then Tweedie's
+``solvers.reference.reference_solution`` (dopri5, rtol = atol = 1e-9, float64), then Tweedie's
 denoise there -- the sigma -> 0 limit that every solver's output approximates. The bottom is
 ``sigma(t_min) = 0.0105`` for ours and k-diffusion, ``sigma(timestep 0) = 0.0100`` for diffusers
 (the difference between the two targets, and between either and the exact ODE solution at
@@ -84,7 +84,7 @@ class References:
         """x0 by Tweedie at ``sigma_last`` (``denoise``), else the VP state ``x`` at ``sigma_last``."""
         key = (round(sigma_start, 6), round(sigma_last, 8), denoise)
         if key not in self.cache:
-            from solvers._reference import reference_solution
+            from solvers.reference import reference_solution
 
             base = P.make_sde()
             t0 = float(base.t_from_sigma(torch.tensor(sigma_start, dtype=P.DTYPE)))
@@ -135,7 +135,7 @@ def run_ours(mixture, z, refs: References, nfe: int, variants: bool = True) -> L
             if o.get("denoise_final", False):
                 ref = refs.get(s_T, s_last)
             else:  # the sampler stops at t_min: compare with the ODE state there
-                from solvers._reference import reference_solution
+                from solvers.reference import reference_solution
 
                 ref = reference_solution(model, sde, z, t_min=t_end, denoise=False)
             label = name + "".join(f" {k}={v}" for k, v in knobs.items())

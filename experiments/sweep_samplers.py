@@ -15,7 +15,7 @@ Measures:
    ``h^2 = dim sum_k w_k s_k^2``, mixture terms in closed form; ``mmd2_std`` its jackknife standard
    deviation. The row ``exact`` (n true samples) shows the noise floor.
 2. ``rms`` (deterministic samplers): per-coordinate RMS of ``sampler(x_T) - reference(x_T)``, the
-   reference being ``solvers._reference.reference_solution`` (PF-ODE with dopri5 at 1e-9, then
+   reference being ``solvers.reference.reference_solution`` (PF-ODE with dopri5 at 1e-9, then
    Tweedie at ``t_min`` when the sampler ends with ``denoise_final``).
 
 Slopes: least-squares fit of ``log error`` on ``log NFE``; for ``rms`` over NFE >= 50 (the
@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _problems as P  # noqa: E402
 
 import solvers  # noqa: E402
-from solvers._reference import reference_solution  # noqa: E402
+from solvers.reference import reference_solution  # noqa: E402
 from solvers.base import CountingModel  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "results")

@@ -1,10 +1,12 @@
 """Samplers for score-based diffusion: plain functions with one signature, one name -> function map.
 
-    fn(model, sde, x_T, *, steps, generator=None, callback=None, progress=False, **knobs) -> Tensor
+    SAMPLERS[name](model, sde, x_T, *, steps=None, generator=None, callback=None, progress=False,
+                   state_hook=None, model_kwargs=None, **options) -> Tensor
 
-``SAMPLERS`` maps each name to its function; the CLI, the docs and the experiments read only it.
-:func:`sample` draws ``x_T`` from the prior (per sample, reproducibly), counts network evaluations
-and optionally keeps the trajectory.
+``SAMPLERS`` (the registry, :mod:`solvers.registry`) maps each name to a typed :class:`Sampler`
+record; the CLI, the docs and the experiments read only it, and :func:`register` adds one from
+outside. :func:`sample` draws ``x_T`` from the prior (per sample, reproducibly), counts network
+evaluations and optionally keeps the trajectory.
 """
 
 from __future__ import annotations
@@ -17,34 +19,25 @@ import torch
 from scoresde.noise import as_sample_noise
 from scoresde.sde import SDE
 
-from .base import SCHEDULES, CountingModel, Run, SamplingError, model_device, time_grid
+from . import ddim as _ddim_mod
+from . import dpm_solver as _dpm_mod
+from . import heun as _heun_mod
+from . import ode as _ode_mod
+from . import stochastic as _stochastic_mod
+from . import torchsde_solver as _torchsde_mod
+from .base import SCHEDULES, CountingModel, Run, SamplingError, Step, model_device, time_grid
 from .calibrate import CalibratedGrid, GridCache, calibrate_grid
-from .deterministic import DETERMINISTIC
-from .deterministic import KNOBS as _DETERMINISTIC_KNOBS
-from .stochastic import KNOBS as _STOCHASTIC_KNOBS
-from .stochastic import STOCHASTIC
+from .registry import REGISTRY, GridOptions, Sampler, SamplerOptions, get, knob, register
 
-Sampler = Callable[..., torch.Tensor]
+for _record in (*_stochastic_mod.RECORDS, _torchsde_mod.RECORD, _ddim_mod.RECORD, _ode_mod.RECORD,
+                _heun_mod.RECORD, _dpm_mod.RECORD):
+    register(_record)
 
-#: name -> sampler function; the single registry read by the CLI and experiments.
-SAMPLERS: Dict[str, Sampler] = {**STOCHASTIC, **DETERMINISTIC}
+#: name -> :class:`Sampler` record (each callable with the one signature); the registry itself.
+SAMPLERS = REGISTRY
 
-#: name -> {knob: default} for every sampler (printed by `scoresde samplers`).
-SAMPLER_KNOBS: Dict[str, Dict[str, Any]] = {**_STOCHASTIC_KNOBS, **_DETERMINISTIC_KNOBS}
-
-#: steps used by :func:`sample` when none are given (the papers' usual settings).
-DEFAULT_STEPS: Dict[str, int] = {
-    "ancestral": 1000,
-    "euler_maruyama": 1000,
-    "reverse_diffusion": 1000,
-    "pc": 1000,
-    "langevin": 1000,
-    "sde": 1000,
-    "ddim": 50,
-    "ode": 100,
-    "heun": 18,
-    "dpm_solver": 20,
-}
+#: the sampler :func:`sample`, the CLI and the trainer use when none is named
+DEFAULT_SAMPLER = "dpm_solver"
 
 
 @dataclass
@@ -65,11 +58,12 @@ def sample(
     shape: Optional[Sequence[int]] = None,
     *,
     x_T: Optional[torch.Tensor] = None,
-    sampler: str = "pc",
+    sampler: str = DEFAULT_SAMPLER,
     steps: Optional[int] = None,
     generator: Any = None,
     progress: bool = False,
     callback: Optional[Callable[[Dict[str, Any]], None]] = None,
+    state_hook: Optional[Callable[[Step], Optional[torch.Tensor]]] = None,
     keep_trajectory: bool = False,
     device: Optional[torch.device | str] = None,
     dtype: Optional[torch.dtype] = None,
@@ -80,11 +74,14 @@ def sample(
 
     Give either ``shape`` ``(B, ...)`` (then ``x_T`` is drawn from the prior with per-sample noise,
     stream 0 of ``generator``, on ``device``: by default the device of the model's first parameter
-    or buffer, else the CPU) or ``x_T``. ``knobs`` go to the sampler (``model_kwargs`` among them).
-    Runs under ``torch.no_grad()`` (no autograd graph through the steps) unless ``enable_grad``.
+    or buffer, else the CPU) or ``x_T``. ``steps`` defaults to the record's ``default_steps``;
+    ``callback(info)`` and ``state_hook(step)`` run after every step (see :class:`Sampler`);
+    ``keep_trajectory`` keeps ``x_T`` and the state after every step (``trajectory`` ``(S + 1, B, ...)``,
+    ``denoised`` likewise, NaN where a step forms none, ``times`` ``(S + 1,)``). ``knobs`` are the
+    sampler's options (``model_kwargs`` among them). Runs under ``torch.no_grad()`` (no autograd
+    graph through the steps) unless ``enable_grad``. Returns a :class:`SampleResult`.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+    record = get(sampler)
     if (shape is None) == (x_T is None):
         raise ValueError("give exactly one of shape or x_T")
     if x_T is None:
@@ -96,7 +93,6 @@ def sample(
         device = model_device(model) if device is None else device
         x_T = sde.prior_std * noise.randn(shape[1:], 0, device=device, dtype=dtype)
         generator = noise
-    steps = DEFAULT_STEPS.get(sampler, 100) if steps is None else steps
     counted = CountingModel(model)
     xs: List[torch.Tensor] = []
     x0s: List[torch.Tensor] = []
@@ -111,17 +107,22 @@ def sample(
         if callback is not None:
             callback(info)
 
+    if keep_trajectory:  # x_T first, at the prior's time T
+        xs.append(x_T.detach().clone())
+        x0s.append(torch.full_like(x_T, float("nan")))
+        ts.append(float(sde.T))
     hook = keep if (keep_trajectory or callback is not None) else None
     with torch.set_grad_enabled(enable_grad):
-        x = SAMPLERS[sampler](counted, sde, x_T, steps=steps, generator=generator, callback=hook, progress=progress,
-                              **knobs)
+        x = record(counted, sde, x_T, steps=steps, generator=generator, callback=hook, progress=progress,
+                   state_hook=state_hook, **knobs)
     result = SampleResult(x=x, nfe=counted.nfe)
-    if keep_trajectory and xs:
+    if keep_trajectory:
         result.trajectory = torch.stack(xs)
         result.denoised = torch.stack(x0s)
         result.times = torch.tensor(ts, dtype=torch.float64)
     return result
 
 
-__all__ = ["SAMPLERS", "SAMPLER_KNOBS", "DEFAULT_STEPS", "SCHEDULES", "SampleResult", "SamplingError", "Run", "sample", "time_grid",
+__all__ = ["SAMPLERS", "REGISTRY", "DEFAULT_SAMPLER", "Sampler", "SamplerOptions", "GridOptions", "knob", "register", "get",
+           "SCHEDULES", "SampleResult", "SamplingError", "Run", "Step", "sample", "time_grid", "CountingModel",
            "calibrate_grid", "CalibratedGrid", "GridCache"]

@@ -7,15 +7,17 @@ A sampler is a plain function with one signature::
 ``model(x, t, **model_kwargs) -> eps`` with ``t`` of shape ``(B,)``; ``generator`` is ``None``, an int
 seed, a ``torch.Generator`` or a :class:`scoresde.noise.SampleNoise` (noise is drawn per sample, so
 sample i does not depend on the batch it was drawn in); ``callback`` receives one dict per step
-``{"step", "t", "x", "denoised"}``. Knobs every sampler accepts: ``model_kwargs`` (passed to the model
-untouched: class labels, guidance scales). Samplers build on :class:`Run`, which holds these pieces.
+``{"step", "t", "x", "denoised"}``; ``state_hook`` receives a :class:`Step` after every step and may
+return a replacement state. ``model_kwargs`` are passed to the model untouched (class labels, guidance
+scales). Samplers build on :class:`Run`, which holds these pieces and is the one step driver: every
+sampler hands each new state to :meth:`Run.report` (NaN guard, callback, state hook).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
@@ -25,6 +27,11 @@ from scoresde.parameterization import eps_to_x0
 from scoresde.sde import SDE
 
 Callback = Callable[[Dict[str, Any]], None]
+
+#: noise streams of state hooks: step ``i``, draw ``k`` uses stream ``HOOK_STREAMS + i * HOOK_DRAWS + k``
+#: (far above the streams samplers use, so a hook never changes the sampler's own noise)
+HOOK_STREAMS = 0x60000000
+HOOK_DRAWS = 64
 
 #: :meth:`Run.noise` draws at most this many upcoming streams, and this many numbers, in one call.
 NOISE_AHEAD = 8
@@ -148,16 +155,24 @@ class Run:
     callback: Optional[Callback] = None
     progress: bool = False
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    state_hook: Optional[Callable[["Step"], Optional[torch.Tensor]]] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.x, torch.Tensor) or self.x.ndim < 2:
-            raise ValueError("x_T must be a tensor of shape (B, ...) with at least two dims")
+        check_state(self.x)
+        self._checked = False
         self._noise: Optional[SampleNoise] = None
         self._ahead: Dict[int, torch.Tensor] = {}
         #: set by a sampler that will ask for the streams ``0 .. streams - 1`` in increasing order;
         #: :meth:`noise` may then draw several of them at once (never past the end)
         self.streams: Optional[int] = None
+        #: whether the caller chose the number of steps (set by the registry; adaptive samplers refuse it)
+        self.steps_given = False
         self.model_kwargs = dict(self.model_kwargs or {})
+
+    @property
+    def wants_denoised(self) -> bool:
+        """Whether a callback or a state hook will read the step's denoised estimate."""
+        return self.callback is not None or self.state_hook is not None
 
     @property
     def batch(self) -> int:
@@ -170,7 +185,11 @@ class Run:
 
     def eps(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         with unchecked():
-            return self.model(x, self.times(t), **self.model_kwargs)
+            out = self.model(x, self.times(t), **self.model_kwargs)
+        if not self._checked:  # the model contract, checked once per run
+            check_model_output(out, x)
+            self._checked = True
+        return out
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor | float, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x0 = (x - std eps) / alpha``; pass ``eps`` to reuse an evaluation."""
@@ -210,13 +229,108 @@ class Run:
 
         return tqdm(range(n), desc=desc, leave=False)
 
-    def report(self, step: int, t: torch.Tensor | float, x: torch.Tensor, denoised: Optional[torch.Tensor] = None) -> None:
-        """Guard against NaN/Inf (:func:`all_finite`) and hand the step to the callback."""
-        if not all_finite(x):
+    def hook_noise(self, like: torch.Tensor, step: int, k: int = 0) -> torch.Tensor:
+        """Per-sample standard normal noise for draw ``k`` of a state hook at ``step`` (its own
+        streams, drawn apart from the sampler's read-ahead so the sampler's noise is unchanged)."""
+        if not 0 <= k < HOOK_DRAWS:
+            raise ValueError(f"a state hook may draw at most {HOOK_DRAWS} noise tensors per step; got k={k}")
+        if self._noise is None:
+            self._noise = as_sample_noise(self.generator, self.batch)
+        key = HOOK_STREAMS + step * HOOK_DRAWS + k
+        return self._noise.randn_streams(tuple(like.shape[1:]), key, 1, device=like.device, dtype=like.dtype)[0]
+
+    def report(self, step: int, t: torch.Tensor | float, v: torch.Tensor, denoised: Optional[torch.Tensor] = None,
+               *, scale: float = 1.0, t_prev: Optional[float] = None) -> torch.Tensor:
+        """The end of every step: guard, callback, state hook. Returns the state to continue from.
+
+        ``v`` is the sampler's own state variable, the state being ``x = scale * v`` (``scale`` is
+        ``alpha(t)`` for samplers that integrate ``y = x / alpha``; ``x`` is only built when a
+        callback or hook reads it). Raises :class:`SamplingError` when ``v`` is not finite
+        (:func:`all_finite`), calls the callback with ``{"step", "t", "x", "denoised"}``, then the
+        state hook with a :class:`Step`; a tensor it returns replaces the state (divided by ``scale``).
+        """
+        if not all_finite(v):
             tv = float(torch.as_tensor(t).reshape(-1)[0])
             raise SamplingError(f"non-finite values in the state at step {step} (t = {tv:.6g}); sampling stopped")
         if self.callback is not None:
-            self.callback({"step": step, "t": t, "x": x, "denoised": denoised})
+            self.callback({"step": step, "t": t, "x": v if scale == 1.0 else scale * v, "denoised": denoised})
+        return self.hook(step, t, v, denoised, scale=scale, t_prev=t_prev)
+
+    def hook(self, step: int, t: torch.Tensor | float, v: torch.Tensor, denoised: Optional[torch.Tensor] = None,
+             *, scale: float = 1.0, t_prev: Optional[float] = None) -> torch.Tensor:
+        """Hand the state ``x = scale * v`` to the state hook (if any) and return the state to continue
+        from, in the sampler's variable. Called by :meth:`report`; a sampler that revises its state
+        after reporting it (``dpm_solver``'s corrector) calls it again on the revised state."""
+        if self.state_hook is None:
+            return v
+        x = v if scale == 1.0 else scale * v
+        info = Step(step, float(torch.as_tensor(t).reshape(-1)[0]), None if t_prev is None else float(t_prev), x,
+                    denoised, self.sde, lambda k=0: self.hook_noise(x, step, k))
+        new = self.state_hook(info)
+        if new is None:
+            return v
+        if not isinstance(new, torch.Tensor) or new.shape != x.shape or new.dtype != x.dtype:
+            raise ValueError(f"state_hook must return None or a tensor like the state {tuple(x.shape)} {x.dtype}; "
+                             f"got {getattr(new, 'shape', type(new).__name__)}")
+        return new if scale == 1.0 else new / scale
+
+
+@dataclass
+class Step:
+    """What a state hook sees after step ``index``: the state ``x`` ``(B, ...)`` at time ``t``
+    (reached from ``t_prev``), the denoised estimate ``x0`` of the step's last network evaluation
+    (``None`` where the sampler forms none), the SDE, and ``noise(k=0)``: per-sample standard normal
+    noise shaped like ``x``, reproducible and distinct for each step and ``k``."""
+
+    index: int
+    t: float
+    t_prev: Optional[float]
+    x: torch.Tensor
+    denoised: Optional[torch.Tensor]
+    sde: SDE
+    noise: Callable[..., torch.Tensor]
+
+
+def check_state(x: Any) -> None:
+    """``x_T`` must be a floating-point tensor ``(B, ...)`` with at least one element."""
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        raise ValueError(f"x_T must be a tensor of shape (B, ...) with at least two dims; got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.numel() == 0:
+        raise ValueError(f"x_T must not be empty; got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x_T must be a floating-point tensor; got {x.dtype} (convert with .float() or .double())")
+
+
+def check_model_output(out: Any, x: torch.Tensor) -> None:
+    """The model contract ``model(x, t) -> eps``: a tensor of ``x``'s shape (checked on the first call)."""
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"the model must return a tensor eps shaped like x {tuple(x.shape)}; got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"the model returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; "
+                         "model(x, t) must return eps shaped like x")
+    if not out.is_floating_point():
+        raise ValueError(f"the model returned a {out.dtype} tensor; eps must be floating point")
+
+
+def explicit_grid(sde: SDE, t_grid: Any, steps: int, t_min: Optional[float] = None) -> torch.Tensor:
+    """An explicit time grid as a float64 CPU tensor: ``steps + 1`` strictly decreasing finite times
+    in ``(0, T]`` (a sequence, a tensor, or an object with a ``.t`` attribute holding one, such as
+    :class:`solvers.CalibratedGrid`). ``t_min``, if given, must equal its last time."""
+    grid = t_grid if isinstance(t_grid, (torch.Tensor, list, tuple)) else getattr(t_grid, "t", t_grid)
+    try:
+        grid = torch.as_tensor(grid, dtype=torch.float64).reshape(-1).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"t_grid must be a sequence of times; got {type(t_grid).__name__}") from None
+    if not isinstance(steps, int) or steps < 1 or grid.numel() != steps + 1:
+        raise ValueError(f"t_grid must hold steps + 1 = {steps + 1} times; got {grid.numel()} (steps={steps!r})")
+    if not bool(torch.isfinite(grid).all()) or not bool((grid[1:] < grid[:-1]).all()):
+        raise ValueError("t_grid must be finite and strictly decreasing")
+    if not (float(grid[-1]) > 0 and float(grid[0]) <= float(sde.T)):
+        raise ValueError(f"t_grid must lie in (0, T={sde.T}]; got [{float(grid[-1])}, {float(grid[0])}]")
+    if t_min is not None and abs(float(t_min) - float(grid[-1])) > 1e-12 * max(1.0, abs(float(t_min))):
+        raise ValueError(f"t_min={t_min} disagrees with the end of t_grid ({float(grid[-1])}); leave t_min unset")
+    return grid
 
 
 def model_device(model: Any) -> torch.device:
@@ -240,10 +354,3 @@ def all_finite(x: torch.Tensor) -> bool:
     if math.isfinite(float(x.detach().sum())):
         return True
     return bool(torch.isfinite(x).all())
-
-
-def check_knobs(name: str, knobs: Dict[str, Any], allowed: Iterator[str] | Iterable[str] = ()) -> None:
-    """Raise a clear error for knobs a sampler does not take."""
-    unknown = sorted(set(knobs) - set(allowed))
-    if unknown:
-        raise TypeError(f"sampler {name!r} got unknown option(s) {unknown}; it accepts {sorted(allowed)}")

@@ -77,8 +77,9 @@ from scoresde.noise import SampleNoise
 from scoresde.sde import SDE
 
 from .base import CountingModel, Run, model_device
-from .dpm_solver import KNOBS, _integrate, _plan, _State
-from ._levels import levels
+from .dpm_solver import RECORD as DPM_SOLVER
+from .dpm_solver import DPMState, integrate, plan
+from .levels import levels
 
 #: knobs of ``dpm_solver`` that a calibrated grid replaces (so they cannot be passed through)
 _GRID_KNOBS = ("schedule", "t_grid", "interp")  # (coefficients is an argument of its own)
@@ -278,13 +279,11 @@ def calibrate_grid(
     bad = sorted(set(knobs) & set(_GRID_KNOBS))
     if bad:
         raise ValueError(f"calibrate_grid chooses the grid itself; drop {bad}")
-    unknown = sorted(set(knobs) - set(KNOBS["dpm_solver"]))
-    if unknown:
-        raise TypeError(f"calibrate_grid got unknown dpm_solver option(s) {unknown}")
+    DPM_SOLVER.options(knobs)  # unknown or bad dpm_solver options fail here, before any work
     shape = tuple(int(d) for d in sample_shape)
     if not shape or min(shape) < 1:
         raise ValueError(f"sample_shape must be the non-empty shape of one sample; got {tuple(sample_shape)}")
-    o = {**KNOBS["dpm_solver"], **knobs}
+    o = {**DPM_SOLVER.defaults(), **knobs}
     lo, hi = (float(w) for w in o["window"])
     fine = levels(sde, _FINE, "window", o["t_min"], "calibrate_grid", sigma_lo=lo, sigma_hi=hi)
     t_first, t_last = fine.t[0], fine.t[-1]
@@ -307,8 +306,8 @@ def calibrate_grid(
         prep = pilot_samples * (2 + len(screens)) * steps + accurate * pilot_steps
         prep_bar = tqdm(total=prep, desc="screen and accurate solves", unit="sample-NFE", unit_scale=True, leave=False)
 
-    def solve(start: torch.Tensor, n: int, first: int = 0, traces: Optional[List[List[_State]]] = None,
-              record: Optional[List[List[_State]]] = None, **kw: Any) -> torch.Tensor:
+    def solve(start: torch.Tensor, n: int, first: int = 0, traces: Optional[List[List[DPMState]]] = None,
+              record: Optional[List[List[DPMState]]] = None, **kw: Any) -> torch.Tensor:
         """``dpm_solver`` with ``n`` steps from ``start`` in chunks, counting the sample-NFE. With
         ``traces`` (per-chunk states of an earlier run whose steps before ``first`` were those of
         ``kw``), rerun only steps ``first..``: bit-identical to the full run. ``record``: a list
@@ -316,7 +315,7 @@ def calibrate_grid(
         kw = {**knobs, **kw}
         if "t_grid" in kw:
             kw.pop("t_min", None)
-        plan = _plan(sde, n, kw)
+        plan_ = plan(sde, n, **kw)
         size = start.shape[0] if chunk is None else chunk
         cost[0] += start.shape[0] * (n - first)
         outs = []
@@ -324,7 +323,7 @@ def calibrate_grid(
             part = start[a : a + size]
             resume = (first, traces[j][first]) if first else None
             trace = list(traces[j][:first]) if first else [] if record is not None else None
-            outs.append(_integrate(plan, Run(counted, sde, part, model_kwargs=mk), part, resume, trace))
+            outs.append(integrate(plan_, Run(counted, sde, part, model_kwargs=mk), part, resume, trace))
             if record is not None:
                 record.append(trace)
             if prep_bar is not None:
@@ -433,7 +432,7 @@ def calibrate_grid(
             def coef_mse(flat: List[float]) -> float:
                 cur = current["flat"]
                 first = next((i for i in range(steps) if flat[3 * i : 3 * i + 3] != cur[3 * i : 3 * i + 3]), 0)
-                traces: List[List[_State]] = []
+                traces: List[List[DPMState]] = []
                 out = solve(fit_set[0], steps, first, current["traces"], record=traces, t_grid=times, coefficients=triples(flat))
                 v = weighted_mse(out, fit_set)
                 if v < current["value"]:

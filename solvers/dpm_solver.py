@@ -3,7 +3,7 @@ Probabilistic Models", arXiv 2211.01095) of order 1-3, with an optional correcto
 next step's evaluation (the UniC idea of Zhao et al. 2023, "UniPC", arXiv 2302.04867).
 
 Data-prediction form in ``lambda = -log sigma = log-SNR / 2`` on ``y = x / alpha`` (see
-:mod:`solvers._levels`): over a step ``lambda_i -> lambda_{i+1}``, ``h = lambda_{i+1} - lambda_i``,
+:mod:`solvers.levels`): over a step ``lambda_i -> lambda_{i+1}``, ``h = lambda_{i+1} - lambda_i``,
 
     y_{i+1} = e^{-h} y_i + int_0^h e^{-(h - u)} P(u) du,
 
@@ -27,8 +27,8 @@ on six mixtures it lowers the geometric-mean RMS endpoint error only slightly (0
 network (a 1.05 target), which matters more for small networks than this gain.
 
 Defaults chosen for accuracy at 10-20 NFE (measured against a tight reference on Gaussian
-mixtures; see ``solvers._reference``): order 3 with the corrector; the "window" time grid
-(``solvers._levels.window_grid``: log-SNR-uniform steps where the denoiser changes, larger ones
+mixtures; see ``solvers.reference``): order 3 with the corrector; the "window" time grid
+(``solvers.levels.window_grid``: log-SNR-uniform steps where the denoiser changes, larger ones
 above and below) with the window ``sigma`` in (0.5, 10). At 10 NFE the error is dominated by a few
 samples per thousand that end in the wrong component, decided by ordinary-size errors at ``sigma``
 about a third of the closest component spacing; the narrower ``window=(1, 5)`` puts more steps
@@ -51,14 +51,16 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from scoresde._tensor import append_dims, unchecked
+from scoresde.sde import SDE
 
-from .base import Run, check_knobs
-from ._levels import Levels, check_bool, final_denoise, levels, levels_on, require
+from .base import Run
+from .levels import Levels, final_denoise, grid_levels
+from .registry import SCHEDULES, GridOptions, Sampler, knob, require
 
 _MAX_ORDER = 3
 _INV_FACT = [1.0 / math.factorial(j) for j in range(40)]
@@ -226,26 +228,6 @@ def _shift(
     return torch.addcmul(da, c, delta), torch.addcmul(score_a, (c - 1.0) / sa**2, delta)
 
 
-def _levels_from_grid(sde: SDE, t_grid, steps: int, t_min: Optional[float], sampler: str) -> Levels:
-    """:class:`Levels` of an explicit grid ``t_grid`` (``steps + 1`` strictly decreasing times in
-    ``(0, T]``, a sequence, a tensor, or an object with a ``.t`` attribute holding one)."""
-    grid = t_grid if isinstance(t_grid, (torch.Tensor, list, tuple)) else getattr(t_grid, "t", t_grid)
-    try:
-        grid = torch.as_tensor(grid, dtype=torch.float64).reshape(-1).cpu()
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"t_grid must be a sequence of times; got {type(t_grid).__name__}") from None
-    if not isinstance(steps, int) or steps < 1 or grid.numel() != steps + 1:
-        raise ValueError(f"t_grid must hold steps + 1 = {steps + 1} times; got {grid.numel()} (steps={steps!r})")
-    if not bool(torch.isfinite(grid).all()) or not bool((grid[1:] < grid[:-1]).all()):
-        raise ValueError("t_grid must be finite and strictly decreasing")
-    if not (float(grid[-1]) > 0 and float(grid[0]) <= float(sde.T)):
-        raise ValueError(f"t_grid must lie in (0, T={sde.T}]; got [{float(grid[-1])}, {float(grid[0])}]")
-    if t_min is not None and abs(float(t_min) - float(grid[-1])) > 1e-12 * max(1.0, abs(float(t_min))):
-        raise ValueError(f"t_min={t_min} disagrees with the end of t_grid ({float(grid[-1])}); leave t_min unset")
-    require(sde, sampler, "alpha", "std")
-    return levels_on(sde, grid, sampler)
-
-
 def _coefficients(value: Any, steps: int) -> Optional[List[Tuple[float, float, float]]]:
     """``None``, or ``steps`` finite triples ``(predictor scale, corrector scale, log-sigma shift)``."""
     if value is None:
@@ -259,21 +241,39 @@ def _coefficients(value: Any, steps: int) -> Optional[List[Tuple[float, float, f
     return out  # type: ignore[return-value]
 
 
-def dpm_solver(
-    model: Callable[..., torch.Tensor],
-    sde,
-    x_T: torch.Tensor,
-    *,
-    steps: int,
-    generator: Any = None,
-    callback: Optional[Callable[[Dict[str, Any]], None]] = None,
-    progress: bool = False,
-    model_kwargs: Optional[Dict[str, Any]] = None,
-    **knobs: Any,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class DPMSolverOptions(GridOptions):
+    """Options of :func:`dpm_solver` (see its docstring for what each does)."""
+
+    order: int = knob(3, "multistep order, 1-3")
+    corrector: bool = knob(True, "UniC-style corrector reusing the next evaluation (+1 order, no extra NFE)")
+    shift_eval: bool = knob(False, "with the corrector, move each reused evaluation to the corrected state")
+    schedule: str = knob("window", "time grid: a name in solvers.SCHEDULES", tuple(SCHEDULES))
+    window: Tuple[float, float] = knob((0.5, 10.0), "(sigma_lo, sigma_hi) of the 'window' grid, in units of the data")
+    lower_order_final: bool = knob(True, "first order over the last two steps")
+    final_step: str = knob("gaussian", "last step: exact under a fitted local Gaussian, or the multistep update", ("gaussian", "dpm"))
+    interp: str = knob("lambda", "variable of the interpolating polynomial", ("lambda", "window"))
+    corrector_order: Optional[int] = knob(None, "cap on the corrector's interpolation points (None: order + 1)")
+    coefficients: Any = knob(None, "per-step (predictor, corrector, shift) triples, as fitted by solvers.calibrate_grid")
+
+    def check(self) -> None:
+        super().check()
+        if not 1 <= self.order <= _MAX_ORDER:
+            raise ValueError(f"order must be 1, 2 or 3; got {self.order!r}")
+        if not 0 < self.window[0] < self.window[1]:
+            raise ValueError(f"window must be a pair (sigma_lo, sigma_hi) with 0 < sigma_lo < sigma_hi; got {self.window!r}")
+        if self.interp == "window" and self.schedule != "window":
+            raise ValueError(f"interp must be 'lambda', or 'window' with schedule='window'; got {self.interp!r} with schedule={self.schedule!r}")
+        if self.corrector_order is not None and not 2 <= self.corrector_order <= _MAX_ORDER + 1:
+            raise ValueError(f"corrector_order must be None or an int in [2, {_MAX_ORDER + 1}]; got {self.corrector_order!r}")
+        if self.t_grid is not None and self.interp != "lambda":
+            raise ValueError(f"t_grid needs interp='lambda'; got interp={self.interp!r}")
+
+
+def dpm_solver(run: Run, steps: int, opts: DPMSolverOptions) -> torch.Tensor:
     """Multistep DPM-Solver++ of order ``order`` (1-3) on ``steps`` steps: exactly ``steps`` NFE.
 
-    Knobs (defaults in ``KNOBS["dpm_solver"]``): ``order``; ``corrector`` (UniC-style corrector
+    Options (:class:`DPMSolverOptions`): ``order``; ``corrector`` (UniC-style corrector
     reusing the next evaluation, +1 order, no extra NFE); ``shift_eval`` (with the corrector, move
     each reused evaluation to the corrected state, :func:`shifted_denoise`); ``schedule`` (a :data:`solvers.SCHEDULES`
     name or "window"; "logsnr" = uniform steps in ``h``); ``window`` (``(sigma_lo, sigma_hi)`` of the
@@ -294,15 +294,15 @@ def dpm_solver(
     ``steps`` NFE). The first
     steps warm up at lower order (order ``i + 1`` at step ``i``) since only ``i + 1`` evaluations exist yet.
     """
-    plan = _plan(sde, steps, knobs)
-    return _integrate(plan, Run(model, sde, x_T, generator, callback, progress, model_kwargs), x_T)
+    return integrate(plan(run.sde, steps, opts), run, run.x)
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """Everything ``dpm_solver`` computes from the grid and the knobs before touching the batch
-    (host floats): the levels, the predictor / corrector weights and decay of each step, and the
-    ``(t, alpha, sigma)`` at which the network is evaluated at each step."""
+class DPMPlan:
+    """Everything :func:`dpm_solver` computes from the grid and the options before touching the
+    batch (host floats), built by :func:`plan`: the levels ``lv``, the predictor / corrector weights
+    ``pred_w`` / ``corr_w`` and the decay ``e^{-h}`` of each step, and the ``(t, alpha, sigma)`` at
+    which the network is evaluated at each step. :func:`integrate` runs it on a batch."""
 
     lv: Levels
     pred_w: List[List[float]]
@@ -317,7 +317,7 @@ class _Plan:
     denoise: bool
 
 
-class _State(NamedTuple):
+class DPMState(NamedTuple):
     """The loop's state at the start of a step: ``y``, the newest evaluations ``(D_j, y_j, sigma_j)``
     (newest first), the scores kept for ``shift_eval`` and the state the corrector redoes from. Its
     tensors are never modified in place, so a recorded state can be resumed from any number of times."""
@@ -328,39 +328,17 @@ class _State(NamedTuple):
     y_start: torch.Tensor
 
 
-def _plan(sde, steps: int, knobs: Dict[str, Any]) -> _Plan:
-    """Check ``knobs`` and build the :class:`_Plan` of a ``steps``-step run."""
-    check_knobs("dpm_solver", knobs, KNOBS["dpm_solver"])
-    o = {**KNOBS["dpm_solver"], **knobs}
-    order = o["order"]
-    if not isinstance(order, int) or not 1 <= order <= _MAX_ORDER:
-        raise ValueError(f"order must be 1, 2 or 3; got {order!r}")
-    corrector = check_bool("corrector", o["corrector"])
-    lower_final = check_bool("lower_order_final", o["lower_order_final"])
-    shift = check_bool("shift_eval", o["shift_eval"])
-    denoise = check_bool("denoise_final", o["denoise_final"])
-    final_step = o["final_step"]
-    if final_step not in ("gaussian", "dpm"):
-        raise ValueError(f"final_step must be 'gaussian' or 'dpm'; got {final_step!r}")
-    window = o["window"]
-    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(v, (int, float)) for v in window)):
-        raise ValueError(f"window must be a pair (sigma_lo, sigma_hi); got {window!r}")
-    extra = {"sigma_lo": float(window[0]), "sigma_hi": float(window[1])} if o["schedule"] == "window" else {}
-    interp = o["interp"]
-    if interp not in ("lambda", "window") or (interp == "window" and o["schedule"] != "window"):
-        raise ValueError(f"interp must be 'lambda', or 'window' with schedule='window'; got {interp!r} with schedule={o['schedule']!r}")
-    corr_cap = o["corrector_order"]
-    if corr_cap is None:
-        corr_cap = _MAX_ORDER + 1
-    if not isinstance(corr_cap, int) or isinstance(corr_cap, bool) or not 2 <= corr_cap <= _MAX_ORDER + 1:
-        raise ValueError(f"corrector_order must be None or an int in [2, {_MAX_ORDER + 1}]; got {corr_cap!r}")
-    if o["t_grid"] is not None:  # a precomputed grid (e.g. solvers.calibrate_grid) replaces the schedule
-        if interp != "lambda":
-            raise ValueError(f"t_grid needs interp='lambda'; got interp={interp!r}")
-        lv = _levels_from_grid(sde, o["t_grid"], steps, o["t_min"], "dpm_solver")
-    else:
-        lv = levels(sde, steps, o["schedule"], o["t_min"], "dpm_solver", **extra)
-    coefs = _coefficients(o["coefficients"] if o["coefficients"] is not None else getattr(o["t_grid"], "coefficients", None), lv.steps)
+def plan(sde: SDE, steps: int, opts: Optional[DPMSolverOptions] = None, **knobs: Any) -> DPMPlan:
+    """The :class:`DPMPlan` of a ``steps``-step run with options ``opts`` (or ``knobs``, checked by
+    the registry record): the grid (``t_grid``, or ``schedule`` with ``window`` and ``t_min``), and
+    every step's weights from it alone, before the loop (no host sync inside it)."""
+    opts = RECORD.options(opts if opts is not None else knobs)
+    order, corrector, shift = opts.order, opts.corrector, opts.shift_eval
+    lower_final, interp = opts.lower_order_final, opts.interp
+    extra = {"sigma_lo": opts.window[0], "sigma_hi": opts.window[1]} if opts.schedule == "window" else {}
+    corr_cap = _MAX_ORDER + 1 if opts.corrector_order is None else opts.corrector_order
+    lv = grid_levels(sde, steps, opts, "dpm_solver", **extra)
+    coefs = _coefficients(opts.coefficients if opts.coefficients is not None else getattr(opts.t_grid, "coefficients", None), lv.steps)
     n, lam = lv.steps, lv.lam
 
     def step_order(i: int) -> int:
@@ -370,7 +348,6 @@ def _plan(sde, steps: int, knobs: Dict[str, Any]) -> _Plan:
         # (their correctors are second order); measured better than "order n - i" on all ten mixtures
         return 1 if (lower_final and i >= n - 2) else p
 
-    # All weights from the grid alone, before the loop (no host sync inside it).
     pred_w: List[List[float]] = []
     corr_w: List[List[float]] = []
     decays = [math.exp(-(lam[i + 1] - lam[i])) for i in range(n)]
@@ -412,8 +389,8 @@ def _plan(sde, steps: int, knobs: Dict[str, Any]) -> _Plan:
             if coefs[i][2] != 0.0:
                 eval_t[i], eval_alpha[i], eval_sigma[i] = float(te[i]), float(ae[i]), float(se[i])
 
-    return _Plan(lv, pred_w, corr_w, decays, eval_t, eval_alpha, eval_sigma, corrector, shift,
-                 final_step == "gaussian", denoise)
+    return DPMPlan(lv, pred_w, corr_w, decays, eval_t, eval_alpha, eval_sigma, corrector, shift,
+                   opts.final_step == "gaussian", opts.denoise_final)
 
 
 def _advance(decay: float, y0: torch.Tensor, w: List[float], ds: List[torch.Tensor]) -> torch.Tensor:
@@ -425,9 +402,9 @@ def _advance(decay: float, y0: torch.Tensor, w: List[float], ds: List[torch.Tens
     return acc
 
 
-def _integrate(plan: _Plan, run: Run, x_T: torch.Tensor, resume: Optional[Tuple[int, _State]] = None,
-               trace: Optional[List[_State]] = None) -> torch.Tensor:
-    """The steps of :func:`dpm_solver` from ``x_T``, or from step ``k`` of ``resume = (k, state)``
+def integrate(plan: DPMPlan, run: Run, x_T: torch.Tensor, resume: Optional[Tuple[int, DPMState]] = None,
+              trace: Optional[List[DPMState]] = None) -> torch.Tensor:
+    """Run the steps of a :class:`DPMPlan` (the body of :func:`dpm_solver`) from ``x_T``, or from step ``k`` of ``resume = (k, state)``
     (the state recorded at the start of step ``k`` of a run whose steps ``< k`` were the same; the
     result is then bit-identical to the full run's). ``trace``: a list to which the state at the
     start of each step run is appended (used by :func:`solvers.calibrate_grid`, whose coefficient
@@ -449,7 +426,7 @@ def _integrate(plan: _Plan, run: Run, x_T: torch.Tensor, resume: Optional[Tuple[
     x0: Optional[torch.Tensor] = None
     for i in run.steps(n, "dpm_solver") if first == 0 else range(first, n):
         if trace is not None:
-            trace.append(_State(y, tuple(evals), tuple(scores), y_start))
+            trace.append(DPMState(y, tuple(evals), tuple(scores), y_start))
         eps = run.eps(eval_alpha[i] * y, eval_t[i])
         d = torch.add(y, eps, alpha=-eval_sigma[i])
         evals.insert(0, (d, y, lv.sigma[i]))  # used as the denoiser at the step's sigma_i, shifted or not
@@ -465,13 +442,15 @@ def _integrate(plan: _Plan, run: Run, x_T: torch.Tensor, resume: Optional[Tuple[
                 d_new, scores[0] = _shift(y, evals[0], evals[1], scores[0], scores[1])
                 evals[0] = (d_new, y, lv.sigma[i])
                 ds[0] = evals[0][0]
+            # the hook sees the state the run continues from: the corrected one
+            y = run.hook(i - 1, lv.t[i], y, evals[0][0], scale=lv.alpha[i], t_prev=lv.t[i - 1])
         y_start = y
         if plan.final_gaussian and i == n - 1 and n >= 2:
             y, x0 = local_gaussian_step(y, evals[0], evals[1], lv.sigma[n])
         else:
             y = _advance(decays[i], y, pred_w[i], ds)
-        # x = alpha y is finite iff y is (alpha > 0): build x only when a callback will read it
-        run.report(i, lv.t[i + 1], lv.alpha[i + 1] * y if run.callback is not None else y, d)
+        # x = alpha y is finite iff y is (alpha > 0): the report builds x only when someone reads it
+        y = run.report(i, lv.t[i + 1], y, d, scale=lv.alpha[i + 1], t_prev=lv.t[i])
     if not denoise:
         return lv.alpha[n] * y
     if x0 is not None:
@@ -480,20 +459,5 @@ def _integrate(plan: _Plan, run: Run, x_T: torch.Tensor, resume: Optional[Tuple[
     return final_denoise(y, lv.sigma[n], y_last, d_last, lv.sigma[n - 1])
 
 
-KNOBS: Dict[str, Dict[str, object]] = {
-    "dpm_solver": {
-        "order": 3,
-        "corrector": True,
-        "shift_eval": False,
-        "schedule": "window",
-        "window": (0.5, 10.0),
-        "t_min": None,
-        "lower_order_final": True,
-        "denoise_final": True,
-        "final_step": "gaussian",
-        "interp": "lambda",
-        "corrector_order": None,
-        "t_grid": None,
-        "coefficients": None,
-    }
-}
+RECORD = Sampler("dpm_solver", dpm_solver, DPMSolverOptions, 20, False,
+                 summary="multistep DPM-Solver++ 1-3 with a UniC-style corrector (the default sampler)")

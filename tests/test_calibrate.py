@@ -16,7 +16,7 @@ from scoresde import GaussianMixture, SubVPSDE, VESDE, VPSDE
 from solvers.base import CountingModel
 from solvers.calibrate import CalibratedGrid, GridCache, calibrate_grid, warp_grid
 from solvers.deterministic import DETERMINISTIC
-from solvers._levels import levels
+from solvers.levels import levels
 
 F64 = torch.float64
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": lambda: VESDE(sigma_max=20.0)}
@@ -191,7 +191,7 @@ def test_zero_knots_reproduce_the_default_sampler():
 def test_mixture_calibration_beats_default_on_fresh_noise():
     """On a 2-D ring (well-separated, unequal modes) a calibrated 10-step grid fitted on a screen of
     16000 lowers the RMS endpoint error on 1000 other draws against the tight reference."""
-    from solvers._reference import reference_solution
+    from solvers.reference import reference_solution
 
     sde = VPSDE()
     model = GaussianMixture.ring(k=5, radius=3.0, std=0.1, unequal=True).eps_model(sde)

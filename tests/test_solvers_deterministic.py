@@ -3,7 +3,7 @@
 Ground truths: (1) for Gaussian data N(mu, s^2 I) the probability-flow ODE map is linear and known,
 x_T -> alpha_0 mu + sqrt(v_0 / v_T) (x_T - alpha_T mu) with v_t = alpha_t^2 s^2 + std_t^2, and Tweedie's
 denoiser is D(x, t) = mu + alpha s^2 / v (x - alpha mu); (2) for Gaussian mixtures, a float64
-dopri5 solution at rtol = atol = 1e-9 of the ODE as written in t (solvers._reference), which is
+dopri5 solution at rtol = atol = 1e-9 of the ODE as written in t (solvers.reference), which is
 accurate to ~1e-8 (checked below against rtol 1e-11), far below every error asserted here.
 """
 
@@ -17,7 +17,7 @@ import torch
 import solvers
 from scoresde import CosineVPSDE, GaussianMixture, SubVPSDE, VESDE, VPSDE
 from solvers import SamplingError
-from solvers._reference import reference_solution, rms
+from solvers.reference import reference_solution, rms
 from solvers.deterministic import DETERMINISTIC, KNOBS, ODE_METHODS
 from solvers.dpm_solver import exp_weights, phi
 
@@ -424,7 +424,7 @@ def test_shifted_denoise_is_exact_for_isotropic_gaussian_only():
 @pytest.mark.slow
 def test_headline_ring_endpoint_error_at_10_and_20_nfe():
     # Issue 3: the 2-D ring with unequal weights/widths under the default VP SDE (sigma ~ 0.01..152),
-    # 2000 shared prior draws, RMS endpoint error against solvers._reference. Published best peers:
+    # 2000 shared prior draws, RMS endpoint error against solvers.reference. Published best peers:
     # 0.13 at 10 NFE and 0.057 at 20 NFE (diffusers UniPC / DPM-Solver++ 2M); our re-implementation
     # of those (order 2, time-uniform grid) gives 0.137 / 0.056 on this batch, so the batch is
     # representative. The RMS is dominated by the few draws near mode boundaries (one draw switching

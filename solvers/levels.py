@@ -17,7 +17,6 @@ never synchronises with the device.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -26,30 +25,8 @@ import torch
 from scoresde._tensor import unchecked
 from scoresde.sde import SDE
 
-from .base import SCHEDULES, time_grid  # noqa: F401  (SCHEDULES re-exported)
-
-
-def require(sde: SDE, sampler: str, *methods: str) -> None:
-    """Ask ``sde`` for each method at its own ``t_min`` / ``T``; raise ``ValueError`` naming the
-    first one it cannot answer (no ``isinstance`` over SDE types)."""
-    probe = torch.tensor([float(sde.t_min), float(sde.T)], dtype=torch.float64)
-    for name in methods:
-        fn = getattr(sde, name, None)
-        try:
-            if fn is None:
-                raise NotImplementedError
-            if name in ("t_from_log_snr", "t_from_sigma"):
-                arg = sde.log_snr(probe) if name == "t_from_log_snr" else sde.sigma(probe)
-                out = fn(arg)
-            else:
-                out = fn(probe)
-            if not bool(torch.isfinite(torch.as_tensor(out)).all()):
-                raise NotImplementedError
-        except (NotImplementedError, AttributeError, TypeError):
-            raise ValueError(
-                f"sampler {sampler!r} needs sde.{name}() to be defined and finite on [t_min, T]; "
-                f"{type(sde).__name__} does not provide it"
-            ) from None
+from .base import time_grid
+from .registry import GridOptions, require
 
 
 @dataclass
@@ -77,6 +54,14 @@ def levels(sde: SDE, steps: int, schedule: str, t_min: Optional[float], sampler:
                      f"schedule {schedule!r} gives a non-monotone one")
 
 
+def grid_levels(sde: SDE, steps: int, opts: GridOptions, sampler: str, **schedule_kwargs) -> Levels:
+    """:class:`Levels` of the grid a :class:`solvers.registry.GridOptions` asks for: its explicit
+    ``t_grid`` when given, else :func:`levels` of its ``schedule`` and ``t_min``."""
+    if opts.t_grid is not None:
+        return levels_on(sde, opts.grid(sde, steps), sampler)
+    return levels(sde, steps, opts.schedule, opts.t_min, sampler, **schedule_kwargs)
+
+
 def levels_on(sde: SDE, grid: torch.Tensor, sampler: str, why: str = "") -> Levels:
     """:class:`Levels` of a given float64 grid of times (any schedule, or one passed in by the user),
     checking that ``sigma`` is positive, finite and strictly decreasing along it."""
@@ -93,12 +78,6 @@ def levels_on(sde: SDE, grid: torch.Tensor, sampler: str, why: str = "") -> Leve
         raise ValueError(f"sampler {sampler!r} needs std/alpha strictly decreasing along the grid" + (f"; {why}" if why else ""))
     lam = -torch.log(sig)
     return Levels(grid.tolist(), a.tolist(), s.tolist(), sig.tolist(), lam.tolist())
-
-
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False; got {value!r}")
-    return value
 
 
 def final_denoise(y: torch.Tensor, sigma: float, y_last: torch.Tensor, d_last: torch.Tensor, sigma_last: float) -> torch.Tensor:
