@@ -10,7 +10,11 @@ from .ddpm import DDPMEpsAdapter, ddpm_betas_from_sde, vpsde_from_ddpm
 from .likelihood import bits_per_dim, decode, encode, log_likelihood
 from .noise import SampleNoise
 from .parameterization import Denoiser, ScoreFunction, score_fn_from_eps
-from .sde import SDE, SDES, CosineVPSDE, ReverseSDE, SubVPSDE, VESDE, VPSDE, sde_from_config
+from .sde import SDE, SDES, CosineVPSDE, ReverseSDE, SubVPSDE, VESDE, VPSDE, check_sde, register_sde, sde_from_config
+from . import adapters
+from .adapters import ClipX0, DenoiserAdapter, DiscreteTimeAdapter, EDMPreconditioner, PredictionAdapter, as_eps_model, check_dtype
+from .ddpm import DiscreteVPSDE
+from .diffusers_io import from_diffusers, load_any, load_diffusers
 
 __version__ = "0.1.0"
 
@@ -42,4 +46,18 @@ __all__ = [
     "noise",
     "parameterization",
     "__version__",
+    "check_sde",
+    "register_sde",
+    "adapters",
+    "as_eps_model",
+    "check_dtype",
+    "PredictionAdapter",
+    "DenoiserAdapter",
+    "EDMPreconditioner",
+    "DiscreteTimeAdapter",
+    "ClipX0",
+    "DiscreteVPSDE",
+    "from_diffusers",
+    "load_diffusers",
+    "load_any",
 ]

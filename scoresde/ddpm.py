@@ -20,7 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .sde import SDE, VPSDE
+from .adapters import DiscreteTimeAdapter
+from .sde import SDE, VPSDE, register_sde
 
 
 def linear_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -64,57 +65,102 @@ def ddpm_betas_from_sde(sde: SDE, num_steps: int = 1000) -> torch.Tensor:
     return betas
 
 
-def _unwrap(out):
-    # diffusers returns a dataclass with `.sample`; tuples put the tensor first.
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
-
-
-class DDPMEpsAdapter(torch.nn.Module):
+class DDPMEpsAdapter(DiscreteTimeAdapter):
     """Make a DDPM network ``net(x, timestep) -> eps`` a continuous-time ``model(x, t) -> eps``.
 
-    The network was trained with ``abar_i`` (``alphas_cumprod``); for each continuous ``t`` the adapter
-    finds the fractional timestep ``i(t)`` at which ``log abar`` (piecewise-linear in i, with
-    ``abar_{-1} = 1``) equals ``2 log alpha(t)`` of ``sde``, and calls ``net(x, i(t), **kwargs)``.
-    This follows diffusers' ``UNet2DModel`` convention (float timesteps accepted; outputs with a
-    ``.sample`` field are unwrapped). Times beyond the discrete range are clamped to ``[-1, N-1]``.
+    :class:`scoresde.adapters.DiscreteTimeAdapter` with ``prediction="eps"``: for each continuous ``t``
+    the network is called at the fractional timestep ``i(t)`` at which ``log abar`` (piecewise-linear in
+    i, with ``abar_{-1} = 1``) equals ``2 log alpha(t)`` of ``sde``. Outputs with a ``.sample`` field
+    (diffusers) are unwrapped; a ``2C``-channel (learned-variance) output keeps its first ``C`` channels.
     """
 
-    def __init__(self, net: Callable, sde: SDE, alphas_cumprod: Optional[torch.Tensor] = None):
-        super().__init__()
-        self.net, self.sde = net, sde
+    def __init__(self, net: Callable, sde: SDE, alphas_cumprod: Optional[torch.Tensor] = None,
+                 learned_variance: Optional[bool] = None):
+        super().__init__(net, sde, alphas_cumprod, "eps", learned_variance)
+
+
+class DiscreteVPSDE(SDE):
+    """The VP SDE whose ``alpha(t)^2`` passes through a discrete schedule's ``abar_i`` exactly.
+
+    Knots at ``t_i = (i + 1) T / N`` (``i = 0..N-1``) and ``t = 0``; ``log alpha(t)^2`` is linear
+    between knots (with ``abar(0) = 1``), ``std = sqrt(1 - alpha^2)``, so ``f = d log alpha / dt`` is
+    constant on each interval and ``g^2 = -2 f`` (VP: ``d std^2/dt - 2 f std^2 = -2 f``). A network
+    trained on the discrete chain (DDPM, diffusers) is thus evaluated by every sampler at a time whose
+    noise level it was trained on: discrete step ``i`` is time ``t_i`` exactly, fractional steps
+    interpolate ``log abar``. ``prior_std = 1``; ``t_min = T / N`` (the first trained level).
+
+    Args:
+        alphas_cumprod: ``abar`` of shape ``(N,)``, strictly decreasing in ``(0, 1)``; default DDPM's
+            linear schedule (``beta`` 1e-4 .. 0.02, N = 1000).
+        T: time horizon.
+    """
+
+    prior_std = 1.0
+
+    def __init__(self, alphas_cumprod=None, T: float = 1.0):
         if alphas_cumprod is None:
-            alphas_cumprod = torch.exp(2 * sde.log_alpha(ddpm_times(1000, sde.T)))
-        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-        # log abar at indices -1, 0, ..., N-1 (decreasing)
-        self.register_buffer("_log_abar", torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(abar)]))
+            alphas_cumprod = _default_abar()
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().reshape(-1)
+        if abar.numel() < 2 or bool(torch.any(abar <= 0)) or bool(torch.any(abar >= 1)):
+            raise ValueError("alphas_cumprod must hold at least 2 entries in (0, 1)")
+        if bool(torch.any(abar[1:] >= abar[:-1])):
+            raise ValueError("alphas_cumprod must be strictly decreasing")
+        self.T = float(T)
+        if not self.T > 0:
+            raise ValueError(f"T must be positive; got {T!r}")
+        self.num_steps = abar.numel()
+        self.t_min = self.T / self.num_steps
+        self._abar = abar
+        # -log abar at knots 0, t_0, ..., t_{N-1}: increasing from 0
+        self._nla = torch.cat([torch.zeros(1, dtype=torch.float64), -torch.log(abar)])
 
     @property
-    def num_steps(self) -> int:
-        return self._log_abar.numel() - 1
+    def alphas_cumprod(self) -> list:
+        return self._abar.tolist()
 
-    def timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """Fractional DDPM timestep for continuous time ``t`` (same shape)."""
-        target = (2 * self.sde.log_alpha(t)).to(torch.float64)
-        table = -self._log_abar.to(target.device)  # increasing
-        hi = torch.searchsorted(table, -target).clamp(1, table.numel() - 1)
+    def _table(self, t: torch.Tensor) -> torch.Tensor:
+        return self._nla.to(device=t.device, dtype=t.dtype if t.is_floating_point() else torch.float64)
+
+    def _segment(self, t: torch.Tensor):
+        u = t * (self.num_steps / self.T)
+        k = u.detach().floor().clamp(0, self.num_steps - 1)
+        return u - k, k.long()
+
+    def _log_alpha(self, t):
+        tab = self._table(t)
+        w, k = self._segment(t)
+        return -0.5 * (tab[k] + w * (tab[k + 1] - tab[k]))
+
+    def _std(self, t):
+        return torch.sqrt(-torch.expm1(2.0 * self._log_alpha(t)))
+
+    def _f(self, t):
+        tab = self._table(t)
+        _, k = self._segment(t)
+        return -0.5 * (tab[k + 1] - tab[k]) * (self.num_steps / self.T) + 0.0 * t
+
+    def _g2(self, t):
+        return -2.0 * self._f(t)
+
+    def _t_from_log_snr(self, lam):
+        # -log alpha^2 = softplus(-lambda); invert the piecewise-linear table
+        target = torch.nn.functional.softplus(-lam.to(torch.float64))
+        tab = self._nla.to(target.device)
+        hi = torch.searchsorted(tab, target.contiguous()).clamp(1, self.num_steps)
         lo = hi - 1
-        w = ((-target - table[lo]) / (table[hi] - table[lo])).clamp(0.0, 1.0)
-        return (lo.to(torch.float64) + w - 1.0).to(t.dtype)
+        w = ((target - tab[lo]) / (tab[hi] - tab[lo])).clamp(0.0, 1.0)
+        return ((lo.to(torch.float64) + w) * (self.T / self.num_steps)).to(lam.dtype)
 
-    def time(self, timestep: torch.Tensor) -> torch.Tensor:
-        """Continuous time whose ``alpha(t)^2`` equals the (interpolated) ``abar`` at ``timestep``,
-        clamped to ``[0, T]``."""
-        i = torch.as_tensor(timestep, dtype=torch.float64).clamp(-1, self.num_steps - 1) + 1
-        lo = i.floor().long().clamp(max=self.num_steps - 1)
-        w = i - lo
-        log_abar = (1 - w) * self._log_abar[lo] + w * self._log_abar[lo + 1]
-        lam = log_abar - torch.log(-torch.expm1(log_abar))
-        # the last discrete steps may be noisier than alpha(T): clamp into the SDE's horizon
-        return self.sde.t_from_log_snr(lam).clamp(0.0, self.sde.T)
+    def config(self):
+        return {"name": "DiscreteVPSDE", "alphas_cumprod": self.alphas_cumprod, "T": self.T}
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
-        return _unwrap(self.net(x, self.timestep(t), **model_kwargs))
+    def __repr__(self) -> str:
+        a = self._abar
+        return f"DiscreteVPSDE(N={self.num_steps}, abar={float(a[0]):.6g}..{float(a[-1]):.4g}, T={self.T:g})"
+
+
+def _default_abar() -> torch.Tensor:
+    return alphas_cumprod(linear_betas())
+
+
+register_sde("DiscreteVPSDE", DiscreteVPSDE, listed=False)

@@ -14,9 +14,10 @@ broadcast over data of any rank ``(B, ...)``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -53,8 +54,20 @@ class SDE(ABC):
     def _g2(self, t: torch.Tensor) -> torch.Tensor:
         """Squared diffusion ``g(t)^2``."""
 
-    @abstractmethod
-    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor: ...
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``log_snr``. This default solves ``log_snr(t) = lam`` numerically (bisection on
+        ``[0, T]`` in float64, 64 halvings, since ``log_snr`` decreases); values of ``lam`` beyond
+        ``[log_snr(T), log_snr(0)]`` give ``T`` or 0. Subclasses with a closed form override it."""
+        target = lam.detach().to(torch.float64)
+        lo = torch.zeros_like(target)
+        hi = torch.full_like(target, float(self.T))
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            val = 2.0 * (self._log_alpha(mid) - torch.log(self._std(mid)))
+            above = val > target  # log_snr(mid) too large: the answer is later
+            lo = torch.where(above, mid, lo)
+            hi = torch.where(above, hi, mid)
+        return (0.5 * (lo + hi)).to(lam.dtype if lam.is_floating_point() else torch.get_default_dtype())
 
     def _t(self, t: TimeLike, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         t = as_time(t, like)
@@ -146,8 +159,25 @@ class SDE(ABC):
         return f"{type(self).__name__}({params})"
 
     def config(self) -> dict:
-        """Plain-data description, enough to rebuild the SDE with :func:`scoresde.sde_from_config`."""
-        return {"name": type(self).__name__}
+        """Plain-data description, enough to rebuild the SDE with :func:`scoresde.sde_from_config`.
+
+        This default reads each ``__init__`` parameter from the attribute of the same name (so a
+        subclass that stores its arguments as ``self.<name>`` needs no ``config`` of its own) and
+        names the class by its registered name (:func:`register_sde`) or its class name.
+        """
+        out: dict = {"name": _registered_name(type(self))}
+        try:
+            sig = inspect.signature(type(self).__init__)
+        except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+            return out
+        for p in list(sig.parameters.values())[1:]:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if hasattr(self, p.name):
+                value = getattr(self, p.name)
+                if isinstance(value, (bool, int, float, str, type(None), list, tuple, dict)):
+                    out[p.name] = list(value) if isinstance(value, tuple) else value
+        return out
 
 
 class ReverseSDE:
@@ -334,7 +364,45 @@ class CosineVPSDE(SDE):
         return {"name": "CosineVPSDE", "s": self.s, "T": self.T}
 
 
-SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "cosine": CosineVPSDE}
+#: short name -> SDE class: the built-ins, plus every class added with :func:`register_sde`
+SDES: Dict[str, type] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "cosine": CosineVPSDE}
+
+#: class name -> class, for classes rebuilt from configs but not listed in SDES (e.g. DiscreteVPSDE)
+_CLASSES: Dict[str, type] = {}
+
+
+def _registered_name(cls: type) -> str:
+    for name, c in SDES.items():
+        if c is cls and name not in ("vp", "subvp", "ve", "cosine"):
+            return name
+    return cls.__name__
+
+
+def register_sde(name: str, cls: Optional[type] = None, *, listed: bool = True):
+    """Register an :class:`SDE` subclass so :func:`sde_from_config`, checkpoints and ``TrainConfig(sde=name)``
+    can rebuild it by name. Use as ``register_sde("mine", MySDE)`` or as a class decorator
+    ``@register_sde("mine")``; returns the class.
+
+    ``config()`` then records ``name``; a checkpoint of a run with a custom SDE loads in a process
+    that has registered the same class under the same name. Registering a different class under a
+    name already taken raises ``ValueError``. ``listed=False`` keeps it out of :data:`SDES` (rebuilt by
+    class name only).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an SDE name must be a non-empty string; got {name!r}")
+
+    def add(c: type) -> type:
+        if not (isinstance(c, type) and issubclass(c, SDE)):
+            raise ValueError(f"register_sde needs a subclass of scoresde.SDE; got {c!r}")
+        if listed:
+            taken = SDES.get(name)
+            if taken is not None and taken is not c:
+                raise ValueError(f"SDE name {name!r} is already registered to {taken.__module__}.{taken.__qualname__}")
+            SDES[name] = c
+        _CLASSES[c.__name__] = c
+        return c
+
+    return add if cls is None else add(cls)
 
 
 def sde_from_config(config: dict) -> SDE:
@@ -342,7 +410,94 @@ def sde_from_config(config: dict) -> SDE:
     config = dict(config)
     name = config.pop("name")
     by_class = {cls.__name__: cls for cls in SDES.values()}
-    cls = SDES.get(name) or by_class.get(name)
+    cls = SDES.get(name) or by_class.get(name) or _CLASSES.get(name)
     if cls is None:
-        raise ValueError(f"unknown SDE name {name!r}; expected one of {sorted(SDES)}")
+        raise ValueError(f"unknown SDE name {name!r}; expected one of {sorted(SDES)} "
+                         "(register a custom SDE with scoresde.register_sde before rebuilding it)")
     return cls(**config)
+
+
+def check_sde(sde: SDE, *, times: int = 9, rtol: float = 1e-4, data_std: float = 1.0, max_signal: float = 0.1) -> SDE:
+    """Check a (custom) SDE against itself; raise ``ValueError`` naming the first inconsistency.
+
+    All in float64 at ``times`` points spread over ``[t_min, T]``:
+
+    - ``alpha(0) = 1`` (``x_0`` is the data);
+    - ``std(t) > 0``, ``g(t)^2 > 0`` and ``log_snr`` strictly decreasing;
+    - drift: ``f = d log alpha / dt`` and diffusion ``g^2 = d std^2/dt - 2 f std^2`` (the two identities
+      that make ``N(alpha x_0, std^2)`` the SDE's marginal, Song et al. 2021 appendix; Kingma et al.
+      2021), against one-sided finite differences (the better of the left and right one, so a
+      schedule with kinks passes), to relative tolerance ``rtol``;
+    - ``t_from_log_snr`` inverts ``log_snr``;
+    - the prior: ``prior_std`` equals ``std(T)`` (to 5 %), and ``alpha(T) data_std / std(T) <=
+      max_signal`` so that ``N(0, prior_std^2)`` is close to the marginal at ``T`` for data of
+      per-coordinate spread ``data_std``.
+
+    Returns ``sde`` (so ``sde = check_sde(MySDE())`` reads naturally).
+    """
+    name = type(sde).__name__
+    t_lo = float(getattr(sde, "t_min", 1e-3))
+    T = float(sde.T)
+    if not 0.0 < t_lo < T:
+        raise ValueError(f"{name}: t_min={t_lo} must lie in (0, T={T})")
+    # interior points, avoiding the ends by a little so both one-sided differences exist
+    u = torch.linspace(0.0, 1.0, times, dtype=torch.float64)
+    t = t_lo + (T - t_lo) * (0.03 + 0.94 * u) ** 1.0
+    la0 = float(sde.log_alpha(torch.zeros(1, dtype=torch.float64))[0])
+    if not abs(la0) <= 1e-6:
+        raise ValueError(f"{name}: alpha(0) = {math.exp(la0):.6g}, but must be 1 (log_alpha(0) = {la0:.3g})")
+    la, std = sde.log_alpha(t), sde.std(t)
+    if not bool(torch.all(torch.isfinite(la))) or not bool(torch.all(torch.isfinite(std))):
+        raise ValueError(f"{name}: log_alpha or std is not finite on [t_min, T]")
+    if not bool(torch.all(std > 0)):
+        raise ValueError(f"{name}: std(t) must be positive on [t_min, T]; got min {float(std.min()):.3g}")
+    lam = sde.log_snr(t)
+    if not bool(torch.all(lam[1:] < lam[:-1])):
+        raise ValueError(f"{name}: log_snr(t) = 2 log(alpha/std) must decrease strictly in t")
+    h = 1e-6 * T
+    tp, tm = t + h, t - h
+
+    def one_sided(fn, ref):
+        fwd = (fn(tp) - fn(t)) / h
+        bwd = (fn(t) - fn(tm)) / h
+        scale = torch.maximum(ref.abs(), fwd.abs()).clamp(min=1e-8)
+        err = torch.minimum((fwd - ref).abs(), (bwd - ref).abs()) / scale
+        return err, fwd
+
+    f = sde._f(t)
+    g2 = sde._g2(t)
+    err_f, dla = one_sided(sde._log_alpha, f)
+    if float(err_f.max()) > rtol:
+        k = int(err_f.argmax())
+        raise ValueError(f"{name}: drift f(t) disagrees with d log alpha/dt (at t={float(t[k]):.4g}: "
+                         f"f={float(f[k]):.6g}, d log alpha/dt={float(dla[k]):.6g}); f must be d log alpha / dt")
+    if not bool(torch.all(g2 > 0)):
+        raise ValueError(f"{name}: g^2(t) must be positive on [t_min, T]; got min {float(g2.min()):.3g}")
+
+    def var(tt):
+        return sde._std(tt) ** 2
+
+    fwd = (var(tp) - var(t)) / h - 2 * f * std**2
+    bwd = (var(t) - var(tm)) / h - 2 * f * std**2
+    scale = torch.maximum(g2.abs(), fwd.abs()).clamp(min=1e-12)
+    err_g = torch.minimum((fwd - g2).abs(), (bwd - g2).abs()) / scale
+    if float(err_g.max()) > rtol:
+        k = int(err_g.argmax())
+        want = float(fwd[k])
+        raise ValueError(f"{name}: g^2(t) disagrees with d std^2/dt - 2 f std^2 (at t={float(t[k]):.4g}: "
+                         f"g^2={float(g2[k]):.6g}, expected {want:.6g})")
+    back = sde.t_from_log_snr(lam)
+    err_inv = (back - t).abs() / T
+    if not bool(torch.all(torch.isfinite(back))) or float(err_inv.max()) > 1e-6:
+        k = int(err_inv.nan_to_num(float("inf")).argmax())
+        raise ValueError(f"{name}: t_from_log_snr is not the inverse of log_snr (t={float(t[k]):.4g} -> "
+                         f"log_snr={float(lam[k]):.6g} -> t={float(back[k]):.6g})")
+    tT = torch.tensor([T], dtype=torch.float64)
+    a_T, s_T = float(sde.alpha(tT)[0]), float(sde.std(tT)[0])
+    prior = float(sde.prior_std)
+    if a_T * data_std / s_T > max_signal:
+        raise ValueError(f"{name}: at T the signal is not drowned (alpha(T) data_std / std(T) = {a_T * data_std / s_T:.3g} > "
+                         f"{max_signal}); N(0, prior_std^2) is a poor prior: raise T or the final noise level")
+    if not (prior > 0 and math.isfinite(prior)) or abs(prior - s_T) > 0.05 * s_T:
+        raise ValueError(f"{name}: prior_std={prior:.6g} does not match std(T)={s_T:.6g}; set prior_std to std(T)")
+    return sde

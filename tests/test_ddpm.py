@@ -97,3 +97,42 @@ def test_adapter_passes_model_inputs_through():
 def test_bad_schedules_are_refused(kwargs):
     with pytest.raises(ValueError):
         ddpm.linear_betas(**kwargs)
+
+
+# -- DiscreteVPSDE: the continuous SDE through a discrete schedule ----------------------------
+def test_discrete_vpsde_passes_through_abar_and_checks_itself():
+    abar = ddpm.alphas_cumprod(ddpm.linear_betas(200, 1e-3, 0.05))
+    sde = ddpm.DiscreteVPSDE(abar)
+    t_i = ddpm.ddpm_times(200)
+    torch.testing.assert_close(sde.alpha(t_i) ** 2, abar, rtol=1e-13, atol=0)
+    assert float(sde.alpha(torch.zeros(1, dtype=torch.float64))) == 1.0
+    # log alpha^2 is linear between knots: the midpoint is the geometric mean
+    mid = (t_i[:-1] + t_i[1:]) / 2
+    torch.testing.assert_close(sde.alpha(mid) ** 2, torch.sqrt(abar[:-1] * abar[1:]), rtol=1e-12, atol=0)
+    scoresde.check_sde(sde)
+    torch.testing.assert_close(sde.t_from_log_snr(sde.log_snr(t_i)), t_i, rtol=0, atol=1e-12)
+    assert sde.t_min == pytest.approx(1 / 200)
+    back = scoresde.sde_from_config(sde.config())
+    torch.testing.assert_close(back.alpha(mid), sde.alpha(mid), rtol=0, atol=0)
+    assert "N=200" in repr(sde)
+
+
+def test_discrete_vpsde_refuses_bad_schedules():
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        ddpm.DiscreteVPSDE(torch.tensor([0.9, 0.95, 0.5]))
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        ddpm.DiscreteVPSDE(torch.tensor([1.0, 0.5]))
+
+
+def test_ddpm_adapter_on_the_discrete_sde_calls_integer_timesteps():
+    seen = []
+
+    def net(x, timestep):
+        seen.append(timestep.clone())
+        return torch.zeros_like(x)
+
+    sde = ddpm.DiscreteVPSDE()
+    model = ddpm.DDPMEpsAdapter(net, sde, torch.tensor(sde.alphas_cumprod, dtype=torch.float64))
+    i = torch.tensor([0, 17, 500, 999])
+    model(torch.zeros(4, 2, dtype=torch.float64), (i.double() + 1) / 1000)
+    torch.testing.assert_close(seen[0], i.double(), rtol=0, atol=1e-9)

@@ -254,3 +254,108 @@ def test_time_horizon_other_than_one():
     assert np.isfinite(float(sde.std(t)))
     with pytest.raises(ValueError):
         sde.std(torch.tensor([2.1]))
+
+
+# -- check_sde, the registry, the numeric inverse ---------------------------------------------
+class _LinearVE(scoresde.SDE):
+    """A user-written VE SDE: std(t) = sigma_max t + 0.01 (so g^2 = 2 std sigma_max), no closed-form
+    inverse (the base class's numeric one is used)."""
+
+    def __init__(self, sigma_max: float = 30.0, T: float = 1.0):
+        self.sigma_max, self.T = sigma_max, T
+
+    @property
+    def prior_std(self):
+        return self.sigma_max * self.T + 0.01
+
+    def _log_alpha(self, t):
+        return 0.0 * t
+
+    def _std(self, t):
+        return self.sigma_max * t + 0.01
+
+    def _f(self, t):
+        return 0.0 * t
+
+    def _g2(self, t):
+        return 2 * self.sigma_max * self._std(t)
+
+
+def test_check_sde_accepts_every_builtin(sde):
+    assert scoresde.check_sde(sde) is sde
+
+
+def test_check_sde_accepts_a_user_sde_with_the_numeric_inverse():
+    sde = scoresde.check_sde(_LinearVE())
+    lam = sde.log_snr(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    # closed form: std = exp(-lambda/2) -> t = (std - 0.01) / sigma_max
+    torch.testing.assert_close(sde.t_from_log_snr(lam), (torch.exp(-lam / 2) - 0.01) / 30.0, rtol=0, atol=1e-12)
+
+
+class _WrongG2(scoresde.VPSDE):
+    def _g2(self, t):
+        return 0.5 * super()._g2(t)
+
+
+class _WrongInverse(scoresde.VPSDE):
+    def _t_from_log_snr(self, lam):
+        return 0.9 * super()._t_from_log_snr(lam)
+
+
+class _WrongPrior(scoresde.VESDE):
+    prior_std = 1.0  # the VE marginal at T has std sigma_max = 50
+
+
+class _WrongDrift(scoresde.VPSDE):
+    def _f(self, t):
+        return 2 * super()._f(t)
+
+
+class _AlphaNotOne(scoresde.VPSDE):
+    def _log_alpha(self, t):
+        return super()._log_alpha(t) - 0.1
+
+
+class _SignalLeft(scoresde.VPSDE):
+    """beta_max = 1: alpha(T) = 0.74, the prior N(0, 1) ignores most of the signal."""
+
+    def __init__(self):
+        super().__init__(0.1, 1.0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (_WrongG2, "g\\^2"),
+    (_WrongInverse, "t_from_log_snr is not the inverse"),
+    (_WrongPrior, "prior_std=1 does not match std\\(T\\)=50"),
+    (_WrongDrift, "drift f\\(t\\)"),
+    (_AlphaNotOne, "alpha\\(0\\)"),
+    (_SignalLeft, "signal is not drowned"),
+])
+def test_check_sde_names_each_planted_mistake(bad, message):
+    with pytest.raises(ValueError, match=message):
+        scoresde.check_sde(bad())
+
+
+def test_register_sde_round_trips_a_custom_sde_through_its_config():
+    from scoresde.sde import SDES
+
+    assert "linear_ve_test" not in SDES
+    try:
+        scoresde.register_sde("linear_ve_test", _LinearVE)
+        sde = _LinearVE(sigma_max=12.5)
+        cfg = sde.config()
+        assert cfg == {"name": "linear_ve_test", "sigma_max": 12.5, "T": 1.0}
+        assert repr(sde) == "_LinearVE(sigma_max=12.5, T=1.0)"
+        back = scoresde.sde_from_config(cfg)
+        assert type(back) is _LinearVE and back.sigma_max == 12.5
+        with pytest.raises(ValueError, match="already registered"):
+            scoresde.register_sde("linear_ve_test", _WrongG2)
+    finally:
+        SDES.pop("linear_ve_test", None)
+    with pytest.raises(ValueError, match="register a custom SDE"):
+        scoresde.sde_from_config({"name": "linear_ve_test"})
+
+
+def test_register_sde_refuses_non_sdes():
+    with pytest.raises(ValueError, match="subclass of scoresde.SDE"):
+        scoresde.register_sde("nope", dict)
