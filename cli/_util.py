@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import typer
 
@@ -92,11 +92,52 @@ def parse_pairs(pairs: Optional[Sequence[str]], what: str) -> Dict[str, Any]:
     return out
 
 
-def check_knobs(sampler: str, knobs: Mapping[str, Any], allowed: Mapping[str, Any]) -> None:
-    """Refuse knobs the sampler does not declare, naming them and the ones it takes."""
-    unknown = sorted(set(knobs) - set(allowed))
-    if unknown:
-        raise UserError(f"sampler {sampler!r} has no knob(s) {unknown}; its knobs: {sorted(allowed) or 'none'}")
+def check_writable_dir(path: Path, what: str = "--out") -> Path:
+    """Make sure ``path`` is (or can be created as) a directory this process can write files in.
+
+    Creates missing directories (as the command would when it writes), then creates and deletes a
+    probe file in it, so a read-only or virtual file system (``/proc``) fails here, before any
+    expensive work, with one line naming the option and the reason. Returns ``path``.
+    """
+    import tempfile
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to {what} {path}: {(err.strerror or str(err)).lower()}") from None
+    return path
+
+
+def check_writable_file(path: Path, what: str = "--out") -> Path:
+    """Make sure the file ``path`` can be written: its folder passes :func:`check_writable_dir` and
+    ``path`` is not a directory, nor an existing file this process may not write. The file itself is
+    neither created nor changed. Returns ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; expected a file name")
+    check_writable_dir(path.parent if str(path.parent) else Path("."), what=f"the folder of {what}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"cannot write to {what} {path}: permission denied")
+    return path
+
+
+def grid_drawer(sampler: str, steps: int, seed: int):
+    """The trainer's ``draw`` (:data:`scoresde.training.DrawFn`): :func:`solvers.sample` with this
+    sampler, steps and seed; returns the samples. The core package does not import ``solvers``: the
+    CLI (or a library user) hands this in."""
+    import solvers
+
+    def draw(model, sde, shape, *, device=None, model_kwargs=None):
+        kwargs = {} if model_kwargs is None else {"model_kwargs": model_kwargs}
+        return solvers.sample(model, sde, shape, sampler=sampler, steps=steps, generator=seed, device=device,
+                              **kwargs).x
+
+    return draw
 
 
 def load_toml(path: Path) -> Dict[str, Any]:
@@ -135,39 +176,3 @@ def merge_config(base: Dict[str, Any], layers: List[Dict[str, Any]], known: Sequ
                 out[k] = v
     return out
 
-
-class FixedChunk:
-    """Call ``model`` on chunks of exactly ``size`` samples, padding the last chunk with copies of its last row.
-
-    Floating-point kernels (GEMV vs GEMM, blocked convolutions) round differently for different batch
-    sizes, so ``model(x)[i]`` depends on ``len(x)`` in its last bits. With every call made at one fixed
-    size, sample i's network outputs, and hence its whole trajectory under per-sample noise, are the
-    same bits whatever batch it is drawn in. Tensor keyword arguments with the batch's leading size
-    (class labels) are chunked alongside; other arguments pass through. ``size = 0`` calls ``model``
-    directly.
-    """
-
-    def __init__(self, model, size: int):
-        self.model, self.size = model, int(size)
-
-    def __call__(self, x, t, **kwargs):
-        import torch
-
-        b, c = x.shape[0], self.size
-        if c <= 0 or b == c:
-            return self.model(x, t, **kwargs)
-
-        def piece(v, i):
-            if not (isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == b):
-                return v
-            v = v[i : i + c]
-            n = v.shape[0]
-            return v if n == c else torch.cat([v, v[-1:].expand(c - n, *v.shape[1:])])
-
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(b) if t.ndim == 0 else t
-        outs = []
-        for i in range(0, b, c):
-            out = self.model(piece(x, i), piece(t, i), **{k: piece(v, i) for k, v in kwargs.items()})
-            outs.append(out[: min(c, b - i)])
-        return torch.cat(outs)

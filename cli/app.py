@@ -27,7 +27,8 @@ from scoresde.networks import PRESETS
 from scoresde.sde import SDES
 from scoresde.training import TrainConfig, resolve_device
 
-from ._util import FixedChunk, UserError, check_knobs, load_toml, merge_config, parse_pairs, user_errors
+from ._util import (UserError, check_writable_dir, check_writable_file, grid_drawer, load_toml, merge_config,
+                    parse_pairs, user_errors)
 
 # rich_markup_mode=None: plain click output, so a usage error is the usage line and ONE "Error:" line
 app = typer.Typer(
@@ -43,7 +44,6 @@ app = typer.Typer(
 DatasetName = Enum("DatasetName", {k: k for k in DATASETS}, type=str)
 SDEName = Enum("SDEName", {k: k for k in SDES}, type=str)
 ModelPreset = Enum("ModelPreset", {k: k for k in PRESETS}, type=str)
-SamplerName = Enum("SamplerName", {k: k for k in solvers.SAMPLERS}, type=str)
 
 
 class Split(str, Enum):
@@ -105,6 +105,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file of TrainConfig fields; options given on the command line override it.", show_default="none"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory: config.json, checkpoint.pt, metrics.jsonl, sample grids.", show_default=_shown("out_dir")),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt (its config.json is the base; options override it)."),
+    force: bool = typer.Option(False, "--force", help="Start afresh in an OUT that already holds a run, deleting its files."),
     dataset: Optional[DatasetName] = typer.Option(None, help="Dataset (no download for the toys and digits).", show_default=_shown("dataset")),
     data_root: Optional[Path] = typer.Option(None, help="Folder of local files for mnist, cifar10, folder.", show_default="$SCORESDE_DATA or ./data"),
     data_n: Optional[int] = typer.Option(None, min=1, help="Number of examples to use (toys: drawn; images: a seeded subset).", show_default="all"),
@@ -121,7 +122,7 @@ def train(
     ema_decay: Optional[float] = typer.Option(None, min=0.0, help="EMA decay of the sampling weights.", show_default=_shown("ema_decay")),
     seed: Optional[int] = typer.Option(None, min=0, help="Seed of weights, data order, times and noise.", show_default=_shown("seed")),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N (auto picks CUDA when present).", show_default=_shown("device")),
-    sampler: Optional[SamplerName] = typer.Option(None, help="Sampler for the sample grids.", show_default=_shown("sampler")),
+    sampler: Optional[str] = typer.Option(None, help="Sampler for the sample grids (see `scoresde samplers`).", show_default=_shown("sampler")),
     sample_steps: Optional[int] = typer.Option(None, min=1, help="Sampler steps for the grids.", show_default=_shown("sample_steps")),
     num_samples: Optional[int] = typer.Option(None, min=0, help="Samples per grid (0: no grids).", show_default=_shown("num_samples")),
     sample_every: Optional[int] = typer.Option(None, min=0, help="Steps between sample grids (0: only at the end).", show_default=_shown("sample_every")),
@@ -131,7 +132,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or chatter."),
 ) -> None:
     """Train a score network; writes the run directory and a final sample grid OUT/samples.png."""
-    from scoresde.training import train as run_training
+    from scoresde.training import TrainingInterrupted, train as run_training
 
     with user_errors():
         known = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -167,29 +168,25 @@ def train(
             options["model_kwargs"] = parse_pairs(model_arg, "--model-arg")
         extra = parse_pairs(set_, "--set")
 
-        # The run directory decides the base: a resumed run starts from its own resolved config.
-        out_dir = Path(extra.get("out_dir") or options.get("out_dir") or file_values.get("out_dir") or _DEFAULTS.out_dir)
-        base = _DEFAULTS_DICT
-        saved = out_dir / "config.json"
-        if resume and saved.is_file():
-            try:
-                # a complete config: its dicts replace the defaults' (no key-by-key merge)
-                base = {**base, **merge_config({}, [json.loads(saved.read_text())], known, [str(saved)])}
-            except json.JSONDecodeError as err:
-                raise UserError(f"{saved} is not valid JSON: {err.msg} (line {err.lineno})") from None
+        # Layers in order of precedence (dicts merged key by key, unknown keys named with their
+        # source); the run directory decides the base: a resumed run starts from its own config.json.
         where = [str(config) if config else "config", "--set", "options"]
-        values = merge_config(base, [file_values, extra, options], known, where)
-        given = set(file_values) | set(extra) | set(options) | (set(base) if base is not _DEFAULTS_DICT else set())
-        for name, kwargs in (("model", "model_kwargs"), ("sde", "sde_kwargs")):
-            # the defaults' overrides belong to the default preset / SDE: another one starts from its own
-            if values[name] != getattr(_DEFAULTS, name) and kwargs not in given:
-                values[kwargs] = {}
-        cfg = TrainConfig.from_dict(values).validate()
+        overrides = merge_config({}, [file_values, extra, options], known, where)
+        cfg = TrainConfig.for_run(overrides, resume=resume)
+        out_dir = Path(cfg.out_dir)
+        check_writable_dir(out_dir)
+        if cfg.sampler not in solvers.SAMPLERS:
+            raise UserError(f"sampler must be one of {sorted(solvers.SAMPLERS)}; got {cfg.sampler!r}")
         if resume and not (out_dir / "checkpoint.pt").is_file():
             _say(quiet, f"no checkpoint in {out_dir}; starting a new run")
         dev = resolve_device(cfg.device)
         _say(quiet, f"training {cfg.model} on {cfg.dataset} with the {cfg.sde} SDE on {dev} -> {cfg.out_dir}")
-        result = run_training(cfg, resume=resume, progress=not quiet)
+        draw = grid_drawer(cfg.sampler, cfg.sample_steps, cfg.seed) if cfg.num_samples > 0 else None
+        try:
+            result = run_training(cfg, resume=resume, force=force, progress=not quiet, draw=draw)
+        except TrainingInterrupted as stop:
+            typer.echo(f"Error: {stop}", err=True)
+            raise typer.Exit(128 + stop.signal) from None
 
         grid = Path(result.out_dir) / f"samples_{result.step:06d}.png"
         if grid.is_file():  # the final grid (EMA weights) under a stable name
@@ -217,47 +214,51 @@ def _load(checkpoint: Path, ema: bool, device: str):
 
 @app.command()
 def sample(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint file written by `scoresde train`."),
-    sampler: SamplerName = typer.Option("dpm_solver", help="Sampler (see `scoresde samplers`)."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint file written by `scoresde train` (or a diffusers folder)."),
+    sampler: str = typer.Option(solvers.DEFAULT_SAMPLER, help="Sampler (see `scoresde samplers`)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampler steps.", show_default="the sampler's default"),
-    knob: Optional[List[str]] = typer.Option(None, "--knob", "-k", metavar="KEY=VALUE", help="Sampler knob key=value, repeatable (see `scoresde samplers`).", show_default="none"),
-    schedule: Optional[str] = typer.Option(None, help="Time grid knob (uniform, quadratic, logsnr, karras; dpm_solver: window too).", show_default="the sampler's default"),
-    t_min: Optional[float] = typer.Option(None, min=0.0, help="Last time of the grid knob.", show_default="the SDE's t_min"),
-    eta: Optional[float] = typer.Option(None, min=0.0, help="DDIM noise knob (0: deterministic).", show_default="0.0"),
-    order: Optional[int] = typer.Option(None, min=1, max=3, help="DPM-Solver++ order knob.", show_default="3"),
-    denoise_final: Optional[bool] = typer.Option(None, "--denoise-final/--no-denoise-final", help="Final Tweedie denoising step knob.", show_default="True"),
-    grid: Optional[Path] = typer.Option(None, help="dpm_solver on a time grid fitted by `scoresde calibrate` (its steps and knobs).", show_default="none"),
-    num_samples: int = typer.Option(64, "--num-samples", "-n", min=1, help="Number of samples."),
+    knob: Optional[List[str]] = typer.Option(None, "--knob", "-k", metavar="KEY=VALUE", help="Sampler option key=value, repeatable (see `scoresde samplers`).", show_default="none"),
+    schedule: Optional[str] = typer.Option(None, help="Time grid option (uniform, quadratic, logsnr, karras, window).", show_default="the sampler's default"),
+    t_min: Optional[float] = typer.Option(None, min=0.0, help="Last time of the grid.", show_default="the SDE's t_min"),
+    eta: Optional[float] = typer.Option(None, min=0.0, help="DDIM noise option (0: deterministic).", show_default="0.0"),
+    order: Optional[int] = typer.Option(None, min=1, max=3, help="DPM-Solver++ order option.", show_default="3"),
+    denoise_final: Optional[bool] = typer.Option(None, "--denoise-final/--no-denoise-final", help="Final Tweedie denoising step option.", show_default="True"),
+    grid: Optional[Path] = typer.Option(None, help="dpm_solver on a time grid fitted by `scoresde calibrate` (its steps and options).", show_default="none"),
+    num_samples: int = typer.Option(64, "--num-samples", "-n", help="Number of samples."),
     batch_size: int = typer.Option(64, min=1, help="Samples per batch (the output does not depend on it)."),
     chunk: Optional[int] = typer.Option(None, min=0, show_default="16 on CPU, 512 on CUDA", help="Network calls are made on exactly this many samples (padded), so outputs are bit-identical for any --batch-size; 0: call on the whole batch (fastest, last-bit rounding then depends on the batch size)."),
     seed: int = typer.Option(0, min=0, help="Seed: sample i gets the same noise whatever the batch size."),
     label: Optional[int] = typer.Option(None, min=0, help="Class label for every sample (conditional models).", show_default="none (unconditional)"),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale w (1: plain conditional; needs --label)."),
+    autocast: Optional[str] = typer.Option(None, help="Run the network under bf16 or fp16 autocast (the solver state stays float32).", show_default="off"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Sample with the EMA weights (or the raw trained ones)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto picks CUDA when present)."),
-    out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid of the samples."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto picks CUDA when present; under torchrun each rank takes its local GPU)."),
+    out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid of the samples (of the first 256 with --out-dir)."),
     tensors: Optional[Path] = typer.Option(None, help="Samples as .npz or .pt.", show_default="OUT with suffix .npz"),
-    trajectory: Optional[Path] = typer.Option(None, help="PNG strip of x_t and the denoised estimate over time (first batch).", show_default="none"),
+    out_dir: Optional[Path] = typer.Option(None, help="Write resumable shards here instead of one tensor file (works under torchrun: each rank draws its share; a rerun skips finished shards).", show_default="none"),
+    shard_size: int = typer.Option(1000, min=1, help="Samples per shard with --out-dir."),
+    trajectory: Optional[Path] = typer.Option(None, help="PNG strip of x_T, x_t and the denoised estimate over time (first batch).", show_default="none"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or chatter."),
 ) -> None:
-    """Draw samples from a checkpoint; writes a PNG grid and the tensors, prints NFE and wall time."""
-    import torch
-
-    from scoresde.noise import SampleNoise
+    """Draw samples from a checkpoint; writes a PNG grid and the tensors (or shards), prints NFE and wall time."""
+    from scoresde.generate import dist_env, generate, generate_shards, load_shards, local_device
     from scoresde.training import save_sample_grid
 
     from .pictures import trajectory_strip
 
     with user_errors():
-        name = _value(sampler)
-        allowed = solvers.SAMPLER_KNOBS[name]
+        if num_samples < 1:
+            raise UserError(f"-n / --num-samples must be a positive integer; got {num_samples}")
+        record = solvers.get(sampler)
         knobs = parse_pairs(knob, "--knob")
         common = {"schedule": schedule, "t_min": t_min, "eta": eta, "order": order, "denoise_final": denoise_final}
         knobs.update({k: v for k, v in common.items() if v is not None})
-        check_knobs(name, knobs, allowed)
         fitted = None
         if grid is not None:
-            steps, knobs, fitted = _with_grid(grid, name, steps, knobs)
+            steps, knobs, fitted = _with_grid(grid, sampler, steps, knobs)
+        record.options(knobs)  # every option checked before any work
+        if autocast not in (None, "bf16", "fp16"):
+            raise UserError(f"--autocast must be bf16 or fp16; got {autocast}")
         tensors = tensors if tensors is not None else out.with_suffix(".npz")
         if tensors.suffix not in (".npz", ".pt"):
             raise UserError(f"--tensors must end in .npz or .pt; got {tensors}")
@@ -265,65 +266,67 @@ def sample(
             raise UserError(f"--out must be a .png file; got {out}")
         if label is None and guidance != 1.0:
             raise UserError("--guidance needs --label (the class to guide towards)")
+        check_writable_file(out, "--out")
+        if out_dir is None:
+            check_writable_file(tensors, "--tensors")
+        else:
+            check_writable_dir(out_dir, "--out-dir")
+        if trajectory is not None:
+            check_writable_file(trajectory, "--trajectory")
 
-        model, sde, cfg, dev = _load(checkpoint, ema, device)
+        rank, world, _ = dist_env()
+        model, sde, cfg, dev = _load(checkpoint, ema, local_device(device) if world > 1 else device)
         num_classes = getattr(model, "num_classes", None)
-        config = model.config
-        if chunk is None:  # small chunks keep CPU calls cheap; on a GPU each call is launch-bound, so go wide
-            chunk = 512 if dev.type == "cuda" else 16
-        model = FixedChunk(model, chunk)
         if label is not None:
             if num_classes is None:
                 raise UserError(f"--label needs a class-conditional model; {checkpoint} was trained unconditionally")
             if label >= num_classes:
                 raise UserError(f"--label must be in 0..{num_classes - 1}; got {label}")
-            if guidance != 1.0:
-                from scoresde.networks import ClassifierFreeGuidance
-
-                model = ClassifierFreeGuidance(model, guidance, null_label=num_classes)
-        shape = model_shape(config)
-        steps_used = steps if steps is not None else solvers.DEFAULT_STEPS.get(name)
-        _say(quiet, f"{num_samples} samples with {name} ({steps_used} steps) on {dev}")
-
-        chunks, nfe, traj = [], 0, None
+        shape = model_shape(model.config)
+        steps_used = steps if steps is not None else record.default_steps
+        if fitted is not None:
+            knobs = {**knobs, "t_grid": fitted}
+        common_kw = dict(sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, chunk=chunk, label=label,
+                         guidance=guidance, autocast=autocast, device=dev, progress=not quiet and rank == 0, **knobs)
         start = time.perf_counter()
-        with torch.no_grad():
-            for offset in range(0, num_samples, batch_size):
-                b = min(batch_size, num_samples - offset)
-                # per-sample noise keyed by the sample's global index: batch size does not matter
-                noise = SampleNoise(seed, torch.arange(offset, offset + b))
-                kw = dict(knobs) if fitted is None else {**knobs, "t_grid": fitted}
-                if label is not None:
-                    kw["model_kwargs"] = {"y": torch.full((b,), label, dtype=torch.long, device=dev)}
-                keep = trajectory is not None and offset == 0
-                res = solvers.sample(model, sde, (b, *shape), sampler=name, steps=steps, generator=noise,
-                                     device=dev, progress=not quiet, keep_trajectory=keep, **kw)
-                chunks.append(res.x.cpu())
-                nfe += res.nfe
-                if keep:
-                    traj = res
-        wall = time.perf_counter() - start
-        x = torch.cat(chunks)
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_sample_grid(x, out, title=f"{name}, {steps_used} steps")
-        meta = {"sampler": name, "steps": steps_used, "seed": seed, "nfe": nfe, "checkpoint": str(checkpoint),
+        meta = {"sampler": sampler, "steps": steps_used, "seed": seed, "checkpoint": str(checkpoint),
                 "label": -1 if label is None else label, "guidance": guidance, "knobs": json.dumps(knobs, default=str),
                 "grid": "" if grid is None else str(grid)}
-        tensors.parent.mkdir(parents=True, exist_ok=True)
+        if out_dir is not None:
+            _say(quiet or rank > 0, f"{num_samples} samples with {sampler} ({steps_used} steps) on {world} process(es) -> {out_dir}")
+            report = generate_shards(model, sde, shape, num_samples, out_dir, shard_size=shard_size,
+                                     run_info={"checkpoint": str(checkpoint)}, **common_kw)
+            wall = time.perf_counter() - start
+            if rank > 0:
+                return
+            typer.echo(f"shards: {len(report.drawn)} drawn, {len(report.skipped)} already done on rank 0 ({out_dir})")
+            typer.echo(f"wall time: {wall:.2f} s")
+            if report.complete and world == 1:
+                x = load_shards(out_dir)[:256]
+                save_sample_grid(x, out, title=f"{sampler}, {steps_used} steps")
+                typer.echo(f"grid: {out}")
+            return
+        _say(quiet, f"{num_samples} samples with {sampler} ({steps_used} steps) on {dev}")
+        res = generate(model, sde, shape, num_samples, keep_trajectory=trajectory is not None, **common_kw)
+        wall = time.perf_counter() - start
+        x = res.x
+        save_sample_grid(x, out, title=f"{sampler}, {steps_used} steps")
+        meta["nfe"] = res.nfe
         if tensors.suffix == ".npz":
             import numpy as np
 
             np.savez(tensors, x=x.numpy(), **{k: np.asarray(v) for k, v in meta.items()})
         else:
+            import torch
+
             torch.save({"x": x, **meta}, tensors)
         if trajectory is not None:
+            traj = res.first
             if traj is None or traj.trajectory is None:
-                raise UserError(f"sampler {name!r} reported no steps to draw a trajectory from")
-            trajectory.parent.mkdir(parents=True, exist_ok=True)
+                raise UserError(f"sampler {sampler!r} reported no steps to draw a trajectory from")
             trajectory_strip(traj.times, traj.trajectory, traj.denoised, trajectory)
-        batches = math.ceil(num_samples / batch_size)
-        typer.echo(f"NFE: {nfe // batches if nfe % batches == 0 else nfe / batches:g} per batch ({nfe} in {batches} batch(es))")
+        per = res.nfe_per_batch
+        typer.echo(f"NFE: {per:g} per batch ({res.nfe} in {res.batches} batch(es))")
         typer.echo(f"wall time: {wall:.2f} s ({wall / num_samples * 1e3:.1f} ms/sample)")
         typer.echo(f"grid: {out}")
         typer.echo(f"tensors: {tensors}")
@@ -344,7 +347,7 @@ def _with_grid(path: Path, sampler: str, steps: Optional[int], knobs: Dict[str, 
         raise UserError(f"--grid {path} was fitted for {fitted.steps} steps; got --steps {steps}")
     if "schedule" in knobs or "t_min" in knobs:
         raise UserError("--grid fixes the time grid; drop --schedule / --t-min")
-    used = {**solvers.SAMPLER_KNOBS["dpm_solver"], **fitted.knobs}  # what the fit ran with, defaults included
+    used = {**solvers.SAMPLERS["dpm_solver"].defaults(), **fitted.knobs}  # what the fit ran with, defaults included
     clash = {k: (v, used[k]) for k, v in knobs.items() if k in used and used[k] != v}
     if clash:
         raise UserError(f"--grid {path} was fitted with other knobs: {clash} (asked, fitted)")
@@ -378,13 +381,14 @@ def calibrate(
 
     with user_errors():
         knobs = parse_pairs(knob, "--knob")
-        check_knobs("dpm_solver", knobs, solvers.SAMPLER_KNOBS["dpm_solver"])
+        solvers.SAMPLERS["dpm_solver"].options(knobs)
         if "coefficients" in knobs:
             raise UserError("calibrate fits the coefficients itself: use --coefficients / --no-coefficients")
         if pilot_steps < steps:
             raise UserError(f"--pilot-steps must be at least --steps ({steps}); got {pilot_steps}")
         if out.suffix.lower() != ".json":
             raise UserError(f"--out must be a .json file; got {out}")
+        check_writable_file(out, "--out")  # before the expensive fit, not after it
         model, sde, cfg, dev = _load(checkpoint, ema, device)
         if getattr(model, "num_classes", None) is not None:
             raise UserError("calibrate fits unconditional models only (this checkpoint is class-conditional)")
@@ -444,6 +448,7 @@ def likelihood(
     """Bits per dimension of a data split under the model's probability-flow ODE (mean ± standard error)."""
     import torch
 
+    from scoresde.memory import check_dataset_fits
     from scoresde.data import load_dataset
     from scoresde.likelihood import bits_per_dim, log_likelihood
 
@@ -451,6 +456,7 @@ def likelihood(
         model, sde, cfg, dev = _load(checkpoint, ema, device)
         name = cfg.get("dataset")
         root = str(data_root) if data_root is not None else cfg.get("data_root")
+        check_dataset_fits(name, n)  # a toy of n examples is drawn in memory: refuse one that cannot fit
         data = load_dataset(name, root=root, n=n, seed=seed, split=_value(split))
         discrete = data.levels is not None  # L-level data: bits/dim of the discrete data is defined
         _say(quiet, f"{len(data.x)} {name} ({_value(split)}) examples, {_value(method)} rtol={rtol:g} atol={atol:g}, "
@@ -523,13 +529,14 @@ def _kv(d: Dict[str, Any]) -> str:
 
 @app.command()
 def samplers() -> None:
-    """Every sampler with its knobs, their defaults and its default steps."""
-    for name, fn in solvers.SAMPLERS.items():
-        doc = (fn.__doc__ or "").strip().splitlines()
-        typer.echo(f"{name}  (default steps {solvers.DEFAULT_STEPS.get(name, '?')})")
-        typer.echo(f"    {doc[0] if doc else ''}")
-        knobs = solvers.SAMPLER_KNOBS.get(name, {})
-        typer.echo(f"    knobs: {', '.join(f'{k}={v!r}' for k, v in knobs.items()) or 'none'}")
+    """Every sampler: what it is, its default steps and NFE, and each option with its default."""
+    for name, record in solvers.SAMPLERS.items():
+        kind = "stochastic" if record.stochastic else "deterministic"
+        typer.echo(f"{name}  ({kind}; default steps {record.default_steps}; NFE {record.nfe})")
+        if record.summary:
+            typer.echo(f"    {record.summary}")
+        for key, (default, helptext) in record.describe().items():
+            typer.echo(f"    {key}={default!r}" + (f"  {helptext}" if helptext else ""))
 
 
 def main() -> None:

@@ -117,7 +117,7 @@ def run_ours(mixture, z, refs: References, nfe: int, variants: bool = True) -> L
     for name in sorted(solvers.SAMPLERS):
         if not P.is_deterministic(name):
             continue
-        knobs_all = solvers.SAMPLER_KNOBS.get(name, {})
+        knobs_all = solvers.SAMPLERS[name].defaults()
         configs = [{}] + [
             v for v in (OUR_VARIANTS.get(name, []) if variants else [])
             if set(v) <= set(knobs_all) and any(knobs_all[k] != x for k, x in v.items())  # not the default again

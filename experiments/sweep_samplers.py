@@ -89,7 +89,7 @@ def run_problem(pname: str, nfes, n: int, seed: int, only: Optional[List[str]]) 
     names = [s for s in sorted(solvers.SAMPLERS) if only is None or s in only]
     for name in names:
         det = P.is_deterministic(name)
-        knobs = solvers.SAMPLER_KNOBS.get(name, {})
+        knobs = solvers.SAMPLERS[name].defaults()
         adaptive = P.is_adaptive(name, sde)
         if adaptive and "rtol" in knobs:  # NFE follows the tolerance, not `steps`: sweep the tolerance
             runs = [(f"tol={tol:g}", 1, {"rtol": tol, "atol": tol}) for tol in ADAPTIVE_TOLS[: len(nfes)]]

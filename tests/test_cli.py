@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 import solvers
-from cli.app import app
+from scoresde_cli.app import app
 
 runner = CliRunner()
 
@@ -155,11 +155,19 @@ def test_info_reports_what_the_checkpoint_holds(run):
 
 def test_samplers_lists_every_sampler_with_knobs_and_defaults():
     text = ok(invoke("samplers")).output
-    for name, knobs in solvers.SAMPLER_KNOBS.items():
-        block = text.split(f"{name}  (default steps", 1)[1].split("\n", 3)[:3]
-        for knob, default in knobs.items():
-            assert f"{knob}={default!r}" in block[2], (name, knob)
-    assert set(solvers.SAMPLERS) <= {ln.split()[0] for ln in text.splitlines() if ln and not ln.startswith(" ")}
+    blocks = {}  # sampler name -> (header line, option lines)
+    for line in text.splitlines():
+        if line and not line.startswith(" "):
+            name = line.split()[0]
+            blocks[name] = (line, [])
+        elif line.strip():
+            blocks[name][1].append(line.strip())
+    assert set(solvers.SAMPLERS) <= set(blocks)
+    for name, record in solvers.SAMPLERS.items():
+        header, lines = blocks[name]
+        assert f"default steps {record.default_steps}" in header
+        for knob, default in record.defaults().items():
+            assert any(ln.startswith(f"{knob}={default!r}") for ln in lines), (name, knob)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,10 +212,11 @@ def test_cuda_without_gpu(run, tmp_path):
 
 def test_unknown_or_misplaced_knob(run, tmp_path):
     ck = run / "checkpoint.pt"
-    assert_one_line_error(invoke("sample", ck, "--knob", "foo=1", "--out", tmp_path / "g.png"), "has no knob(s) ['foo']")
-    assert_one_line_error(invoke("sample", ck, "--sampler", "pc", "--eta", 0.5, "--out", tmp_path / "g.png"), "has no knob(s) ['eta']")
+    assert_one_line_error(invoke("sample", ck, "--knob", "foo=1", "--out", tmp_path / "g.png"), "got unknown option(s) ['foo']")
+    assert_one_line_error(invoke("sample", ck, "--sampler", "pc", "--eta", 0.5, "--out", tmp_path / "g.png"), "got unknown option(s) ['eta']")
     assert_one_line_error(invoke("sample", ck, "--knob", "eta", "--out", tmp_path / "g.png"), "expects key=value")
-    assert_one_line_error(invoke("sample", ck, "--sampler", "nope"), "'--sampler'", code=2)
+    assert_one_line_error(invoke("sample", ck, "--sampler", "nope"), "unknown sampler 'nope'")
+    assert_one_line_error(invoke("sample", ck, "--knob", "order=two", "--out", tmp_path / "g.png"), "order must be an integer")
 
 
 def test_checkpoint_that_does_not_fit_the_request(run, tmp_path):
@@ -263,3 +272,34 @@ def test_calibrate_then_sample_on_the_grid(run, tmp_path):
                           "schedule")
     assert_one_line_error(invoke("calibrate", ckpt, "--steps", 3, "--knob", "coefficients=none", "--out", grid, "--quiet"),
                           "--no-coefficients")
+
+
+def test_a_sampler_registered_from_outside_runs_from_the_cli(run, tmp_path):
+    from test_registry import ToyOptions, toy
+
+    solvers.register(solvers.Sampler("toy_cli", toy, ToyOptions, 3, False, summary="test sampler"))
+    try:
+        out = tmp_path / "toy.png"
+        result = ok(invoke("sample", run / "checkpoint.pt", "--sampler", "toy_cli", "--knob", "shrink=0.5", "-n", 3,
+                           "--out", out, "--device", "cpu", "--quiet"))
+        assert "NFE: 3 per batch" in result.output and out.is_file()
+        assert "toy_cli" in ok(invoke("samplers")).output
+        assert_one_line_error(invoke("sample", run / "checkpoint.pt", "--sampler", "toy_cli", "--knob", "shrink=big",
+                                     "--out", out, "--quiet"), "shrink must be a finite number")
+    finally:
+        solvers.REGISTRY.pop("toy_cli", None)
+
+
+def test_classifier_free_guidance_from_the_cli(tmp_path):
+    """The README's guidance example end to end: a class-conditional checkpoint, --label, --guidance 2."""
+    out = tmp_path / "cond"
+    ok(invoke("train", "--out", out, "--steps", 3, "--conditional", *TINY))
+    x = {}
+    for w in (1.0, 2.0):
+        grid = tmp_path / f"g{w}.png"
+        result = ok(invoke("sample", out / "checkpoint.pt", "--label", 3, "--guidance", w, "-n", 5, "--steps", 4,
+                           "--batch-size", 2, "--out", grid, "--quiet"))
+        assert grid.is_file() and "NFE" in result.output
+        x[w] = np.load(grid.with_suffix(".npz"))["x"]
+    assert x[1.0].shape == x[2.0].shape == (5, 1, 8, 8)
+    assert np.isfinite(x[2.0]).all() and not np.array_equal(x[1.0], x[2.0])

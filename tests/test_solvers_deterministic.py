@@ -18,8 +18,11 @@ import solvers
 from scoresde import CosineVPSDE, GaussianMixture, SubVPSDE, VESDE, VPSDE
 from solvers import SamplingError
 from solvers.reference import reference_solution, rms
-from solvers.deterministic import DETERMINISTIC, KNOBS, ODE_METHODS
+from solvers.ode import METHODS as ODE_METHODS
 from solvers.dpm_solver import exp_weights, phi
+
+DETERMINISTIC = {name: solvers.SAMPLERS[name] for name in ("ddim", "ode", "heun", "dpm_solver")}
+KNOBS = {name: record.defaults() for name, record in DETERMINISTIC.items()}
 
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "cosine": CosineVPSDE, "ve": lambda: VESDE(sigma_max=20.0)}
 F64 = torch.float64
@@ -87,7 +90,7 @@ GAUSS_CASES = [
     ("dpm_solver", 30, {}, 2e-2),
     ("dpm_solver", 30, {"shift_eval": True}, 2e-2),
     ("dpm_solver", 30, {"interp": "window", "corrector_order": 3}, 2e-2),
-    ("ode", 1, {}, 1e-3),
+    ("ode", None, {}, 1e-3),
     ("ode", 15, {"method": "rk4"}, 2e-2),
 ]
 
@@ -285,7 +288,7 @@ def test_adaptive_ode_failure_is_a_sampling_error():
     sde = VPSDE()
     model = _NaNAfter(GaussianMixture.ring().eps_model(sde), 0.5)
     with pytest.raises(SamplingError):
-        DETERMINISTIC["ode"](model, sde, prior(sde, (3, 2)), steps=1)
+        DETERMINISTIC["ode"](model, sde, prior(sde, (3, 2)))
 
 
 def test_knob_validation():
@@ -441,36 +444,11 @@ def test_headline_ring_endpoint_error_at_10_and_20_nfe():
     assert err[20] < 0.5 * rms(solvers.sample(model, sde, x_T=x_T, sampler="dpm_solver", steps=20, **peer_like).x, ref)
 
 
-@pytest.mark.parametrize("variable", ["t", "log_sigma"])
-def test_own_dopri5_takes_torchdiffeqs_steps(variable):
-    """The default ode path (our Dormand-Prince with torchdiffeq's controller) spends the same NFE as
-    torchdiffeq's dopri5 (reached by passing any option) and lands on the same answer in float64."""
-    from solvers.base import CountingModel
-
+def test_ode_refuses_steps_for_adaptive_methods_and_half_precision():
     sde = VPSDE()
     model = GaussianMixture.ring().eps_model(sde)
-    x_T = prior(sde, (50, 2)).double()
-    ours, theirs = CountingModel(model), CountingModel(model)
-    a = DETERMINISTIC["ode"](ours, sde, x_T, steps=1, variable=variable)
-    b = DETERMINISTIC["ode"](theirs, sde, x_T, steps=1, variable=variable, options={"max_num_steps": 10**6})
-    assert ours.nfe == theirs.nfe > 20
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
-
-
-def test_dopri5_solves_a_linear_ode_backwards_to_tolerance():
-    """dy/ds = -2 y from s = 1 down to s = 0 with a stop in between: y(0) = e^2 y(1) within the
-    tolerance, and the stop is hit exactly (a step that would pass it ends on it)."""
-    from solvers.ode import dopri5
-
-    seen = []
-
-    def f(s, y):
-        seen.append(s)
-        return -2.0 * y
-
-    y1 = torch.linspace(-1, 1, 7, dtype=torch.float64)
-    y0, steps = dopri5(f, y1, 1.0, 0.0, rtol=1e-8, atol=1e-10, stops=[0.37])
-    torch.testing.assert_close(y0, y1 * math.exp(2.0), rtol=1e-6, atol=1e-8)
-    assert steps > 3 and 0.37 in seen and min(seen) >= 0.0
-    with pytest.raises(SamplingError):
-        dopri5(lambda s, y: y * float("nan"), y1, 1.0, 0.0, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="chooses its own steps"):
+        DETERMINISTIC["ode"](model, sde, prior(sde, (3, 2)), steps=7)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        DETERMINISTIC["ode"](model, sde, prior(sde, (3, 2)).half())
+    assert DETERMINISTIC["ode"](model, sde, prior(sde, (3, 2)), steps=7, method="rk4").shape == (3, 2)
