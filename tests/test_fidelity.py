@@ -373,3 +373,85 @@ def test_real_inception_matches_torch_fidelity():
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-3)
     assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-3, abs=1e-5)
     assert ours["isc_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line: `scoresde fid ref` / `scoresde fid calc`
+# ---------------------------------------------------------------------------------------------
+def _fid_cli():
+    import typer
+
+    try:  # the installed name of the cli/ folder
+        from scoresde_cli import evaluate
+    except ImportError:  # a checkout not reinstalled since the folder got its own import name
+        from cli import evaluate
+    app = typer.Typer()
+
+    @app.command()
+    def _noop() -> None:  # a second command keeps typer from flattening the group
+        pass
+
+    evaluate.register(app)
+    return app, evaluate
+
+
+def _invoke(app, *args):
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(res, needle):
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert "Traceback" not in res.output and len(lines) == 1 and lines[0].startswith("Error:"), res.output
+    assert needle in lines[0], res.output
+
+
+def test_cli_reference_then_score_prints_json(tmp_path, monkeypatch):
+    import json
+
+    app, evaluate = _fid_cli()
+    monkeypatch.setattr(evaluate, "_extractor", lambda weights, download, device: ToyExtractor())
+    real, gen = _images(200, 0), _images(120, 1, shift=30)
+    np.savez(tmp_path / "real.npz", x=real.numpy())
+    np.savez(tmp_path / "gen.npz", x=gen.numpy())
+    res = _invoke(app, "fid", "ref", "--images", tmp_path / "real.npz", "--out", tmp_path / "ref.npz", "-q")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["n"] == 200
+    res = _invoke(app, "fid", "calc", tmp_path / "gen.npz", "--ref", tmp_path / "ref.npz", "--kid-subset-size", 50,
+                  "--kid-subsets", 5, "-q", "--out", tmp_path / "m.json")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    ref = fd.Reference.load(tmp_path / "ref.npz")
+    want = fd.evaluate(gen, ref, ToyExtractor(), kid_subsets=5, kid_subset_size=50)
+    assert got["fid"] == pytest.approx(want["fid"], rel=1e-12) and got["kid_mean"] == pytest.approx(want["kid_mean"], rel=1e-12)
+    assert json.loads((tmp_path / "m.json").read_text())["fid"] == got["fid"]
+
+
+def test_cli_bad_input_is_one_line(tmp_path, monkeypatch):
+    app, evaluate = _fid_cli()
+    monkeypatch.setattr(evaluate, "_extractor", lambda weights, download, device: ToyExtractor())
+    np.savez(tmp_path / "gen.npz", x=_images(30, 1, shape=(1, 8, 8)).numpy())
+    fd.reference_statistics(_images(30, 0), ToyExtractor()).save(tmp_path / "ref.npz")
+    _one_line_error(_invoke(app, "fid", "calc", tmp_path / "gen.npz", "--ref", tmp_path / "missing.npz"),
+                    "no reference statistics file at")
+    _one_line_error(_invoke(app, "fid", "calc", tmp_path / "gen.npz", "--ref", tmp_path / "ref.npz"),
+                    "samples are 1x8x8 (C x H x W) but")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(_invoke(app, "fid", "calc", tmp_path / "empty", "--ref", tmp_path / "ref.npz"), "no images")
+    _one_line_error(_invoke(app, "fid", "calc", tmp_path / "gen.npz", "--ref", tmp_path / "ref.npz", "-n", 0),
+                    "-n must be at least 2")
+    _one_line_error(_invoke(app, "fid", "ref", "--dataset", "digits", "--out", tmp_path / "ref.txt"), "must be a .npz")
+    _one_line_error(_invoke(app, "fid", "ref", "--out", tmp_path / "r.npz"), "exactly one of --dataset or --images")
+
+
+def test_cli_without_weights_names_the_file(tmp_path, monkeypatch):
+    app, _ = _fid_cli()
+    monkeypatch.delenv(fd.WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    res = _invoke(app, "fid", "ref", "--dataset", "digits", "--split", "test", "-n", 10, "--out", tmp_path / "r.npz",
+                  "--no-download", "-q")
+    # with torch-fidelity: the missing weights file; without it: the missing extra
+    _one_line_error(res, fd.INCEPTION_WEIGHTS_FILE if TF is not None else "pip install 'scoresde[eval]'")
+    assert not (tmp_path / "r.npz").exists()
