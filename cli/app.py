@@ -205,11 +205,21 @@ def train(
 # sample
 # ---------------------------------------------------------------------------------------------
 def _load(checkpoint: Path, ema: bool, device: str):
-    from scoresde.checkpoint import load_model
+    """``(model, sde, config, device)`` from a scoresde checkpoint (or run folder) or a local diffusers
+    ``save_pretrained`` folder (:func:`scoresde.diffusers_io.load_any`); ``config`` is the training
+    config of a scoresde checkpoint, or the loader's description of a diffusers model."""
+    from scoresde.diffusers_io import load_any
 
     dev = resolve_device(device)
-    model, sde, cfg = load_model(checkpoint, ema=ema, device=dev)
-    return model, sde, cfg, dev
+    model, sde, info = load_any(checkpoint, ema=ema, device=dev)
+    return model, sde, info.get("config", info), dev
+
+
+def _data_shape(model: Any, cfg: Dict[str, Any]) -> tuple:
+    """Per-sample data shape: what the loader recorded, else read from the network's config."""
+    if cfg.get("shape"):
+        return tuple(int(d) for d in cfg["shape"])
+    return model_shape(getattr(model, "config", {}) or {})
 
 
 @app.command()
@@ -282,7 +292,7 @@ def sample(
                 raise UserError(f"--label needs a class-conditional model; {checkpoint} was trained unconditionally")
             if label >= num_classes:
                 raise UserError(f"--label must be in 0..{num_classes - 1}; got {label}")
-        shape = model_shape(model.config)
+        shape = _data_shape(model, cfg)
         steps_used = steps if steps is not None else record.default_steps
         if fitted is not None:
             knobs = {**knobs, "t_grid": fitted}
@@ -392,7 +402,7 @@ def calibrate(
         model, sde, cfg, dev = _load(checkpoint, ema, device)
         if getattr(model, "num_classes", None) is not None:
             raise UserError("calibrate fits unconditional models only (this checkpoint is class-conditional)")
-        shape = model_shape(model.config)
+        shape = _data_shape(model, cfg)
         batch = batch_size or (512 if dev.type == "cuda" else 256)
         _say(quiet, f"calibrating a {steps}-step dpm_solver grid on {dev}")
         start = time.perf_counter()
@@ -537,6 +547,23 @@ def samplers() -> None:
             typer.echo(f"    {record.summary}")
         for key, (default, helptext) in record.describe().items():
             typer.echo(f"    {key}={default!r}" + (f"  {helptext}" if helptext else ""))
+
+
+def _register_extensions() -> None:
+    """Commands defined in their own modules: evaluation (FID/KID/IS) and conditional generation."""
+    import importlib
+
+    for name in ("evaluate", "condition"):
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register_extensions()
 
 
 def main() -> None:

@@ -24,17 +24,14 @@ import torch
 from torchdiffeq import odeint
 
 from scoresde._tensor import unchecked
+from scoresde.ode_methods import ODE_METHODS
 
 from .base import Run, SamplingError
 from .levels import grid_levels, levels
 from .registry import SCHEDULES, GridOptions, Sampler, knob, require
 
 #: torchdiffeq's method names -> True when the method steps on a given grid (False: adaptive).
-METHODS: Dict[str, bool] = {
-    "dopri8": False, "dopri5": False, "bosh3": False, "fehlberg2": False, "adaptive_heun": False,
-    "euler": True, "midpoint": True, "heun2": True, "heun3": True, "rk4": True,
-    "explicit_adams": True, "implicit_adams": True, "fixed_adams": True,
-}
+METHODS: Dict[str, bool] = {name: not adaptive for name, adaptive in ODE_METHODS.items()}
 
 
 @dataclass(frozen=True)
