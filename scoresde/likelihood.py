@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torchdiffeq import odeint
@@ -247,15 +247,14 @@ ERROR_NORMS: Dict[str, Callable[..., torch.Tensor]] = {"sample": _sample_norm, "
 # Argument checks.
 # ---------------------------------------------------------------------------------------------
 def _adaptive(method: str) -> bool:
-    from torchdiffeq._impl.odeint import SOLVERS
-    from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+    from .ode_methods import is_adaptive
 
-    return issubclass(SOLVERS[method], RKAdaptiveStepsizeODESolver)
+    return is_adaptive(method)
 
 
 def _check_common(sde: SDE, x: torch.Tensor, method: str, rtol: float, atol: float, variable: str,
                   t_min: Optional[float], error_norm: str, options: Optional[dict]) -> float:
-    from torchdiffeq._impl.odeint import SOLVERS  # the solver table torchdiffeq dispatches on
+    from .ode_methods import ODE_METHODS
 
     if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
         raise ValueError("x must be a floating tensor of shape (B, ...) with at least two dims")
@@ -263,8 +262,8 @@ def _check_common(sde: SDE, x: torch.Tensor, method: str, rtol: float, atol: flo
         raise ValueError(f"variable must be one of {sorted(VARIABLES)}; got {variable!r}")
     if error_norm not in ERROR_NORMS:
         raise ValueError(f"error_norm must be one of {sorted(ERROR_NORMS)}; got {error_norm!r}")
-    if method not in SOLVERS or method == "scipy_solver":
-        names = sorted(k for k in SOLVERS if k != "scipy_solver")
+    if method not in ODE_METHODS:
+        names = sorted(ODE_METHODS)
         raise ValueError(f"method must be a torchdiffeq solver, one of {names}; got {method!r}")
     if not _adaptive(method) and "step_size" not in (options or {}):
         raise ValueError(f"fixed-grid method {method!r} needs options={{'step_size': h}} (h in units of u)")
@@ -275,6 +274,37 @@ def _check_common(sde: SDE, x: torch.Tensor, method: str, rtol: float, atol: flo
     if not 0 < t0 < sde.T:
         raise ValueError(f"t_min must lie in (0, T={sde.T:g}); got {t0!r}")
     return t0
+
+
+#: copies of the state an adaptive solve keeps at once (dopri5: 7 stages, the state, the proposal,
+#: the error estimate and the interpolation coefficients), a lower bound of the memory it needs
+_STATE_COPIES = 16
+
+
+def _check_memory(x: torch.Tensor, per_sample_copies: float) -> None:
+    """Refuse a solve whose state alone cannot fit: ``B x D x itemsize x copies`` bytes against the
+    memory available (host memory on CPU, free device memory on CUDA), before anything is allocated."""
+    from .memory import available_bytes, check_fits
+
+    need = float(x.shape[0]) * x[0].numel() * x.element_size() * per_sample_copies
+    avail = None
+    if x.device.type == "cuda":
+        try:
+            avail = torch.cuda.mem_get_info(x.device)[0]
+        except (RuntimeError, AssertionError):  # pragma: no cover - no usable CUDA
+            avail = None
+    else:
+        avail = available_bytes()
+    if avail is not None:
+        check_fits(need, f"a likelihood solve on {tuple(x.shape)} {str(x.dtype).replace('torch.', '')} data",
+                   available=avail)
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    """One line naming how many entries of ``x`` are NaN or infinite (one host sync)."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or inf); the likelihood needs finite data")
 
 
 def _make_generator(generator: GeneratorLike, device: torch.device) -> Optional[torch.Generator]:
@@ -302,6 +332,22 @@ class _Flow(torch.nn.Module):
         self.progress = progress
         self.nfe = 0
         self.first: Optional[Tuple[torch.Tensor, ...]] = None  # the first evaluation, for the correction
+        self.nonfinite: Optional[torch.Tensor] = None  # per evaluation: u where an output was NaN/inf, else inf
+        self._seen: List[torch.Tensor] = []
+
+    def _watch(self, u: torch.Tensor, *outputs: Optional[torch.Tensor]) -> None:
+        """Record whether this evaluation's outputs are finite, as a tensor (no host sync)."""
+        ok = torch.stack([torch.isfinite(o).all() for o in outputs if o is not None]).all()
+        self._seen.append(torch.where(ok, torch.full_like(u, math.inf), u))
+
+    @property
+    def nonfinite_u(self) -> Optional[torch.Tensor]:
+        """The first ``u`` (in evaluation order) at which the network gave a NaN or inf; ``None`` if never."""
+        if not self._seen:
+            return None
+        us = torch.stack(self._seen)
+        bad = torch.nonzero(~torch.isinf(us)).flatten()
+        return us[bad[0]] if bad.numel() else None
 
     def evaluate(self, u: torch.Tensor, w: torch.Tensor):
         """One network evaluation at ``(u, w)``: returns ``sigma, dsigma/du, r, alpha, eps, div``."""
@@ -317,11 +363,13 @@ class _Flow(torch.nn.Module):
         if self.trace_fn is None:
             with torch.no_grad(), unchecked():
                 eps = self.model(alpha * r * w, tb, **self.model_kwargs)
+            self._watch(u, eps)
             return sigma, dsigma, r, alpha, eps, None
         with torch.enable_grad(), unchecked():
             x = (alpha * r * w).detach().requires_grad_(True)
             eps = self.model(x, tb, **self.model_kwargs)
             div = self.trace_fn(eps, x, self.probes)  # (B, K) estimates of div_x eps
+        self._watch(u, eps.detach(), div.detach())
         return sigma, dsigma, r, alpha, eps.detach(), div.detach()
 
     def forward(self, u: torch.Tensor, state):
@@ -357,8 +405,37 @@ def _solve(flow, state, s0: torch.Tensor, s1: torch.Tensor, method, rtol, atol, 
     if _adaptive(method):
         opts.setdefault("norm", ERROR_NORMS[error_norm])
         opts.setdefault("step_t", grid[1:])
-    sol = odeint(flow, state, grid, method=method, rtol=rtol, atol=atol, options=opts)
+    try:
+        sol = odeint(flow, state, grid, method=method, rtol=rtol, atol=atol, options=opts)
+    except AssertionError as err:  # torchdiffeq's step-size underflow, e.g. after a NaN network output
+        _check_model_finite(flow)
+        raise RuntimeError(f"the ODE solver ({method}) failed: {_first_line(err)}; try looser rtol/atol "
+                           "or another method") from None
     return tuple(s[-1] for s in sol) if isinstance(sol, tuple) else sol[-1]
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _check_model_finite(flow: "_Flow") -> None:
+    """Raise ``RuntimeError`` when any network output (or divergence estimate) of the solve was NaN
+    or infinite, naming the first time at which it was."""
+    if flow.nonfinite_u is not None:
+        sigma = flow.variable.sigma(flow.nonfinite_u)[0]
+        with unchecked():
+            t = float(flow.sde.t_from_sigma(sigma).clamp(0.0, flow.sde.T))
+        raise RuntimeError(f"the model returned NaN or inf during the ODE solve (first at t={t:.4g}); "
+                           "its weights or inputs are not finite")
+
+
+def _check_result(flow: "_Flow", value: torch.Tensor, name: str) -> None:
+    """After a solve: a non-finite network output or result is an error, never a number."""
+    _check_model_finite(flow)
+    if not bool(torch.isfinite(value).all()):
+        raise RuntimeError(f"the {name} came out NaN or inf although every network output was finite; "
+                           "try tighter rtol/atol or another method")
 
 
 class _Bar:
@@ -463,6 +540,9 @@ def log_likelihood(
         raise ValueError(f"noise must be one of {sorted(NOISES)}; got {noise!r}")
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be a positive integer; got {probes!r}")
+    d = x[0].numel()
+    _check_memory(x, _STATE_COPIES + (probes if trace == "hutchinson" else 2 * d))
+    _check_finite(x, "x")
     var = VARIABLES[variable]
     v = None
     if trace == "hutchinson":
@@ -478,7 +558,6 @@ def log_likelihood(
         w_T, delta = _solve(flow, state, u0, u1, method, (rtol, 0.0), (atol, atol * x[0].numel()), error_norm, options)
     finally:
         bar.close()
-    d = x[0].numel()
     z = alpha_T * r1 * w_T
     prior = (sde.prior_logp if prior_logp is None else prior_logp)(z)
     # log p^y_T(y_T) = log p_T(z) + D log alpha_T, for y_T = z / alpha_T
@@ -486,6 +565,7 @@ def log_likelihood(
     corr = _small_t_correction(flow, u0, w0) if correction else torch.zeros_like(delta)
     per_probe = base[:, None] + delta + corr  # (B, K)
     logp = per_probe.mean(dim=1)
+    _check_result(flow, logp, "log-density")
     if k > 1:
         logp_std = per_probe.std(dim=1) / math.sqrt(k)
     else:
@@ -528,6 +608,8 @@ def encode(
     probability-flow ODE. Returns ``z``, or ``(z, nfe)`` with ``return_nfe``. Keywords as in
     :func:`log_likelihood`."""
     t0 = _check_common(sde, x, method, rtol, atol, variable, t_min, error_norm, options)
+    _check_memory(x, _STATE_COPIES)
+    _check_finite(x, "x")
     var = VARIABLES[variable]
     u0, u1, r0, r1, alpha_T = _endpoints(sde, var, t0, x)
     bar = _Bar(progress, u0, u1, "encode")
@@ -537,6 +619,7 @@ def encode(
     finally:
         bar.close()
     z = alpha_T * r1 * w_T
+    _check_result(flow, z, "latent")
     return (z, flow.nfe) if return_nfe else z
 
 
@@ -563,6 +646,8 @@ def decode(
     Run as an increasing integration in ``s = -u`` so that the solver can step exactly onto the end.
     """
     t0 = _check_common(sde, z, method, rtol, atol, variable, t_min, error_norm, options)
+    _check_memory(z, _STATE_COPIES)
+    _check_finite(z, "z")
     var = VARIABLES[variable]
     u0, u1, r0, r1, alpha_T = _endpoints(sde, var, t0, z)
     bar = _Bar(progress, -u1, -u0, "decode")
@@ -572,6 +657,7 @@ def decode(
     finally:
         bar.close()
     x = r0 * w0
+    _check_result(flow, x, "decoded data")
     return (x, flow.nfe) if return_nfe else x
 
 
@@ -609,6 +695,7 @@ def _pixel_levels(images: torch.Tensor, levels: int = 256) -> torch.Tensor:
         return k
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 in {{0..{levels - 1}}} or floats k/{half:g} - 1 in [-1, 1]; got dtype {images.dtype}")
+    _check_finite(images, "images")
     k = (images.double() + 1.0) * half
     rounded = torch.round(k)
     if bool(((k - rounded).abs() > 1e-3).any()) or bool((rounded < 0).any()) or bool((rounded > levels - 1).any()):
