@@ -20,29 +20,16 @@ NFE stays one per step. The last step has no corrector (its evaluation would be 
 With ``shift_eval``, ``D_{i+1}`` (evaluated at the predicted state) is then moved to the corrected
 state to first order, ``D + c (y_corr - y_pred)``, with the slope ``c = s^2 / (s^2 + sigma^2)`` of a
 per-sample Gaussian fitted to the two newest evaluations (:func:`shifted_denoise`), so the later
-steps interpolate denoiser values consistent with the trajectory they continue. Off by default:
-on six mixtures it lowers the geometric-mean RMS endpoint error only slightly (0.1074 -> 0.1061 at
-10 NFE, 0.0141 -> 0.0133 at 20; typical-trajectory error 10-20 % lower at 8-25 NFE), while its
-~6 extra passes over the batch per step cost ~4-5 % per step against the overhead benchmark's
-network (a 1.05 target), which matters more for small networks than this gain.
+steps interpolate denoiser values consistent with the trajectory they continue (off by default).
 
-Defaults chosen for accuracy at 10-20 NFE (measured against a tight reference on Gaussian
-mixtures; see ``solvers.reference``): order 3 with the corrector; the "window" time grid
-(``solvers.levels.window_grid``: log-SNR-uniform steps where the denoiser changes, larger ones
-above and below) with the window ``sigma`` in (0.5, 10). At 10 NFE the error is dominated by a few
-samples per thousand that end in the wrong component, decided by ordinary-size errors at ``sigma``
-about a third of the closest component spacing; the narrower ``window=(1, 5)`` puts more steps
-there and, on ten mixtures, lowers the geometric-mean RMS endpoint error at 10 NFE by 13 % (n = 2000,
-seed 0: 0.0913 -> 0.0791) and 5 % (n = 4000, seed 1: 0.0859 -> 0.0818), and at 20 NFE by 5 % and
-16 %, but costs accuracy at more steps (seed 0: +4 % at 15 NFE, +25 % at 30, +33 % at 50) and lost
-to UniPC on one 20-NFE row (one more flipped sample), so it is opt-in for <= ~12 NFE. Singlestep
-2S/3S stages inside the window (with or without the multistep history) were no better at equal
-NFE: self-starting ones 10-50 % worse, history-informed ones within +-7 % at 10 NFE of the
-multistep step on the same grid and worse at 20. The other defaults: lower order over the last
-steps (an order-3 extrapolation across the long final log-SNR step is unstable), and
-``final_step="gaussian"``: the last step is solved exactly under a
-per-sample isotropic Gaussian posterior fitted to the two newest evaluations
-(:func:`local_gaussian_step`), since near ``t_min`` every trajectory sits in one mode. The textbook
+Defaults, chosen for accuracy at 10-20 NFE against a tight reference on Gaussian mixtures
+(``solvers.reference``; the measurements are in docs/solvers.md): order 3 with the corrector; the
+"window" time grid (:func:`solvers.base.window_grid`: log-SNR-uniform steps where the denoiser
+changes, larger ones above and below) with the window ``sigma`` in (0.5, 10), in units of the data;
+first order over the last two steps (an order-3 extrapolation across the long final log-SNR step is
+unstable); and ``final_step="gaussian"``: the last step is solved exactly under a per-sample
+isotropic Gaussian posterior fitted to the two newest evaluations (:func:`local_gaussian_step`),
+since near ``t_min`` every trajectory sits in one mode. The textbook
 solver is ``schedule="logsnr", corrector=False, final_step="dpm"``.
 """
 
@@ -277,8 +264,7 @@ def dpm_solver(run: Run, steps: int, opts: DPMSolverOptions) -> torch.Tensor:
     reusing the next evaluation, +1 order, no extra NFE); ``shift_eval`` (with the corrector, move
     each reused evaluation to the corrected state, :func:`shifted_denoise`); ``schedule`` (a :data:`solvers.SCHEDULES`
     name or "window"; "logsnr" = uniform steps in ``h``); ``window`` (``(sigma_lo, sigma_hi)`` of the
-    "window" grid, in units of the data: scale both with the data's per-coordinate std; the default
-    (0.5, 10) was chosen on data of std ~1-3; (1, 5) is 5-13 % better at 10 NFE, worse from ~15 on); ``t_min``; ``interp`` ("lambda": ``P`` a polynomial in ``lambda``; "window": in the window grid's variable,
+    "window" grid, in units of the data: scale both with the data's per-coordinate std); ``t_min``; ``interp`` ("lambda": ``P`` a polynomial in ``lambda``; "window": in the window grid's variable,
     :func:`window_weights`); ``corrector_order`` (``None``: the corrector interpolates ``order + 1``
     points; an int caps that, e.g. 3 as in UniPC's default); ``lower_order_final`` (first order over the last
     two steps); ``final_step`` ("gaussian": exact step under a
