@@ -19,18 +19,12 @@ import torch
 from scoresde.noise import as_sample_noise
 from scoresde.sde import SDE
 
-from . import ddim as _ddim_mod
-from . import dpm_solver as _dpm_mod
-from . import heun as _heun_mod
-from . import ode as _ode_mod
-from . import stochastic as _stochastic_mod
-from . import torchsde_solver as _torchsde_mod
+from . import ddim, dpm_solver, heun, ode, stochastic, torchsde_solver
 from .base import SCHEDULES, CountingModel, Run, SamplingError, Step, model_device, time_grid
 from .calibrate import CalibratedGrid, GridCache, calibrate_grid
 from .registry import REGISTRY, GridOptions, Sampler, SamplerOptions, get, knob, register
 
-for _record in (*_stochastic_mod.RECORDS, _torchsde_mod.RECORD, _ddim_mod.RECORD, _ode_mod.RECORD,
-                _heun_mod.RECORD, _dpm_mod.RECORD):
+for _record in (*stochastic.RECORDS, torchsde_solver.RECORD, ddim.RECORD, ode.RECORD, heun.RECORD, dpm_solver.RECORD):
     register(_record)
 
 #: name -> :class:`Sampler` record (each callable with the one signature); the registry itself.

@@ -50,6 +50,7 @@ from .levels import Levels, final_denoise, grid_levels
 from .registry import SCHEDULES, GridOptions, Sampler, knob, require
 
 _MAX_ORDER = 3
+_PLAN_BAR_FROM = 2000  # steps from which planning (host work linear in steps) shows a progress bar
 _INV_FACT = [1.0 / math.factorial(j) for j in range(40)]
 
 
@@ -280,7 +281,7 @@ def dpm_solver(run: Run, steps: int, opts: DPMSolverOptions) -> torch.Tensor:
     ``steps`` NFE). The first
     steps warm up at lower order (order ``i + 1`` at step ``i``) since only ``i + 1`` evaluations exist yet.
     """
-    return integrate(plan(run.sde, steps, opts), run, run.x)
+    return integrate(plan(run.sde, steps, opts, progress=run.progress), run, run.x)
 
 
 @dataclass(frozen=True)
@@ -314,10 +315,12 @@ class DPMState(NamedTuple):
     y_start: torch.Tensor
 
 
-def plan(sde: SDE, steps: int, opts: Optional[DPMSolverOptions] = None, **knobs: Any) -> DPMPlan:
+def plan(sde: SDE, steps: int, opts: Optional[DPMSolverOptions] = None, *, progress: bool = False,
+         **knobs: Any) -> DPMPlan:
     """The :class:`DPMPlan` of a ``steps``-step run with options ``opts`` (or ``knobs``, checked by
     the registry record): the grid (``t_grid``, or ``schedule`` with ``window`` and ``t_min``), and
-    every step's weights from it alone, before the loop (no host sync inside it)."""
+    every step's weights from it alone, before the loop (no host sync inside it). The weights cost
+    host time linear in ``steps``; with ``progress`` a bar shows it for long plans."""
     opts = RECORD.options(opts if opts is not None else knobs)
     order, corrector, shift = opts.order, opts.corrector, opts.shift_eval
     lower_final, interp = opts.lower_order_final, opts.interp
@@ -337,7 +340,12 @@ def plan(sde: SDE, steps: int, opts: Optional[DPMSolverOptions] = None, **knobs:
     pred_w: List[List[float]] = []
     corr_w: List[List[float]] = []
     decays = [math.exp(-(lam[i + 1] - lam[i])) for i in range(n)]
-    for i in range(n):
+    rows: Any = range(n)
+    if progress and n >= _PLAN_BAR_FROM:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc="dpm_solver: planning", leave=False)
+    for i in rows:
         h = lam[i + 1] - lam[i]
         p = step_order(i)
         pred_nodes = [(lam[i - j] - lam[i]) / h for j in range(p)]  # 0, r_{-1}, ... (<= 0)

@@ -41,7 +41,7 @@ CORRECTORS = ("langevin", "ald", "none")
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------
-class _Grid:
+class StepGrid:
     """The time grid and every per-step scalar a sampler needs, in float64 (computed once).
 
     Index ``i`` runs over grid times; step ``i`` goes from ``t[i]`` to ``t[i + 1]`` and uses the
@@ -72,18 +72,18 @@ def _norm(v: Tensor) -> Tensor:
     return v.reshape(v.shape[0], -1).norm(dim=1)
 
 
-def _tweedie(x: Tensor, eps: Tensor, alpha: float, std: float) -> Tensor:
+def tweedie(x: Tensor, eps: Tensor, alpha: float, std: float) -> Tensor:
     """``x0 = (x - std eps) / alpha`` with host scalars (the grid's precomputed floats): two passes."""
     return torch.add(x, eps, alpha=-std).div_(alpha)
 
 
-def _finish(run: Run, grid: _Grid, x: Tensor, denoise_final: bool) -> Tensor:
+def finish_denoise(run: Run, grid: StepGrid, x: Tensor, denoise_final: bool) -> Tensor:
     """Tweedie denoising at ``t_min`` (one more evaluation), reported as step N at t = 0."""
     if not denoise_final:
         return x
     n = len(grid)
     eps = run.eps(x, grid.tl[n])
-    x0 = _tweedie(x, eps, grid.alphal[n], grid.stdl[n])
+    x0 = tweedie(x, eps, grid.alphal[n], grid.stdl[n])
     run.report(n, 0.0, x0, x0)
     return x0
 
@@ -96,7 +96,7 @@ def _finish(run: Run, grid: _Grid, x: Tensor, denoise_final: bool) -> Tensor:
 Coeffs = List[Tuple[float, float, float]]
 
 
-def _coeffs_ancestral(g: _Grid) -> Coeffs:
+def _coeffs_ancestral(g: StepGrid) -> Coeffs:
     """Sample the posterior ``q(x_s | x_t, x0_hat)`` of the forward kernel (DDPM Algorithm 2).
 
     With ``x_s ~ N(a_s x0, s_s^2)`` and ``x_t | x_s ~ N(r x_s, q^2)``:
@@ -112,7 +112,7 @@ def _coeffs_ancestral(g: _Grid) -> Coeffs:
     return out
 
 
-def _coeffs_euler_maruyama(g: _Grid) -> Coeffs:
+def _coeffs_euler_maruyama(g: StepGrid) -> Coeffs:
     """``x_s = x_t - h [f x_t - g^2 score] + g sqrt(h) z`` with ``h = t - s`` (reverse SDE, eq. 6);
     ``g^2 score = -g^2 eps / s_t``, so ``A = 1 - h f``, ``B = -h g^2 / s_t``, ``C = g sqrt(h)``."""
     out = []
@@ -122,7 +122,7 @@ def _coeffs_euler_maruyama(g: _Grid) -> Coeffs:
     return out
 
 
-def _coeffs_reverse_diffusion(g: _Grid) -> Coeffs:
+def _coeffs_reverse_diffusion(g: StepGrid) -> Coeffs:
     """Reverse diffusion (Song et al. 2021, eq. 46) on the exact discretisation of the forward SDE.
 
     Forward: ``x_t = x_s + f_i(x_s) + G_i z`` with ``f_i(x) = (r - 1) x``, ``G_i = q`` (from
@@ -134,20 +134,20 @@ def _coeffs_reverse_diffusion(g: _Grid) -> Coeffs:
     return [(2.0 - g.rl[i], -g.ql[i] ** 2 / g.stdl[i], g.ql[i]) for i in range(len(g))]
 
 
-_COEFFS: Dict[str, Callable[[_Grid], Coeffs]] = {
+_COEFFS: Dict[str, Callable[[StepGrid], Coeffs]] = {
     "ancestral": _coeffs_ancestral,
     "euler_maruyama": _coeffs_euler_maruyama,
     "reverse_diffusion": _coeffs_reverse_diffusion,
 }
 
 
-def _predict(run: Run, g: _Grid, x: Tensor, i: int, abc: Tuple[float, float, float], stream: int) -> Tuple[Tensor, Optional[Tensor]]:
+def _predict(run: Run, g: StepGrid, x: Tensor, i: int, abc: Tuple[float, float, float], stream: int) -> Tuple[Tensor, Optional[Tensor]]:
     """``x_{i+1} = A x + B eps + C z`` (new tensor; ``x`` and the model's output are not modified) and,
     only when a callback will read it, the denoised estimate ``(x - s_t eps) / a_t`` at ``t[i]``."""
     a, b, c = abc
     eps = run.eps(x, g.tl[i])
     x_new = run.noise(x, stream).mul_(c).add_(x, alpha=a).add_(eps, alpha=b)
-    x0 = _tweedie(x, eps, g.alphal[i], g.stdl[i]) if run.wants_denoised else None
+    x0 = tweedie(x, eps, g.alphal[i], g.stdl[i]) if run.wants_denoised else None
     return x_new, x0
 
 
@@ -155,7 +155,7 @@ def _predict(run: Run, g: _Grid, x: Tensor, i: int, abc: Tuple[float, float, flo
 # Correctors: Langevin steps at a fixed time s = t[i + 1] targeting p_s.
 # ---------------------------------------------------------------------------------------------
 def _correct(
-    run: Run, g: _Grid, x: Tensor, i: int, kind: str, snr: float, stream: int
+    run: Run, g: StepGrid, x: Tensor, i: int, kind: str, snr: float, stream: int
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """One Langevin step ``x <- x + e score + sqrt(2 e) z`` at ``s = t[i + 1]``; ``alpha_i = r_i^2``.
 
@@ -176,7 +176,7 @@ def _correct(
     else:  # ald
         e = 2.0 * alpha_i * (snr * s_s) ** 2
         x_new = z.mul_(math.sqrt(2.0 * e)).add_(x).add_(eps, alpha=-e / s_s)
-    x0 = _tweedie(x, eps, a_s, s_s) if run.wants_denoised else None
+    x0 = tweedie(x, eps, a_s, s_s) if run.wants_denoised else None
     return x_new, x0
 
 
@@ -222,7 +222,7 @@ def _pc_loop(run: Run, steps: int, opts: GridOptions, predictor: str, corrector:
     """The family's step loop: predictor from ``t_i`` to ``t_{i+1}``, then ``n_corr`` corrector steps
     at ``t_{i+1}``, then :meth:`Run.report` (guard, callback, state hook)."""
     n_corr = n_corr if corrector != "none" else 0
-    grid = _Grid(run.sde, opts.grid(run.sde, steps))
+    grid = StepGrid(run.sde, opts.grid(run.sde, steps))
     first = 0 if predictor == "none" else 1  # the predictor's stream, if any, comes first
     per_step = first + n_corr  # noise streams used per step
     run.streams = len(grid) * per_step  # streams 0 .. N * per_step - 1, each once, in order
@@ -235,7 +235,7 @@ def _pc_loop(run: Run, steps: int, opts: GridOptions, predictor: str, corrector:
         for j in range(n_corr):
             x, x0 = _correct(run, grid, x, i, corrector, snr, i * per_step + first + j)
         x = run.report(i, grid.tl[i + 1], x, x0, t_prev=grid.tl[i])
-    return _finish(run, grid, x, opts.denoise_final)
+    return finish_denoise(run, grid, x, opts.denoise_final)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from scoresde.sde import SDE
 
 from .base import Run
 from .registry import GridOptions, Sampler, knob
-from .stochastic import _Grid, _finish, _tweedie
+from .stochastic import StepGrid, finish_denoise, tweedie
 
 Tensor = torch.Tensor
 
@@ -93,7 +93,7 @@ class _TorchsdeReverse(torch.nn.Module):
         tb = self._t_batch.get(t)
         eps = self.run.eps(x, t if tb is None else tb)
         if self.run.wants_denoised:  # Tweedie's estimate, only when someone reads it
-            self.last_denoised = _tweedie(x, eps, a, s)
+            self.last_denoised = tweedie(x, eps, a, s)
         # -(f x - g^2 score) = -(g^2 / s) eps - f x with score = -eps / std, written into eps's shape
         # and read back flat (eps is the model's; a fresh tensor from the first op, then in place)
         drift = torch.mul(x, -f).add_(eps, alpha=-(g * g / s))
@@ -210,7 +210,7 @@ def sde(run: Run, steps: int, opts: TorchsdeOptions) -> Tensor:
     sample i then depends on the batch size.
     """
     sde_ = run.sde
-    grid = _Grid(sde_, opts.grid(sde_, steps))
+    grid = StepGrid(sde_, opts.grid(sde_, steps))
     taus = [sde_.T - float(t) for t in grid.t]
     shape = run.x.shape
     y = run.x.reshape(shape[0], -1)
@@ -245,7 +245,7 @@ def sde(run: Run, steps: int, opts: TorchsdeOptions) -> Tensor:
         y = ys[-1]
         x = run.report(k, grid.tl[k + 1], y.reshape(shape), _reshape(rsde.last_denoised, shape), t_prev=grid.tl[k])
         y = x.reshape(shape[0], -1)
-    return _finish(run, grid, y.reshape(shape), opts.denoise_final)
+    return finish_denoise(run, grid, y.reshape(shape), opts.denoise_final)
 
 
 RECORD = Sampler("sde", sde, TorchsdeOptions, 1000, True, ("alpha", "std", "sde", "transition"),
