@@ -5,7 +5,7 @@ conversions among eps / score / x0 / v, and the DDPM bridge. Samplers live in :m
 """
 
 from . import analytic, ddpm, likelihood, noise, parameterization
-from .analytic import ExactEpsModel, GaussianMixture
+from .analytic import ExactEpsModel, FullCovGaussianMixture, GaussianMixture
 from .ddpm import DDPMEpsAdapter, ddpm_betas_from_sde, vpsde_from_ddpm
 from .likelihood import bits_per_dim, decode, encode, log_likelihood
 from .noise import SampleNoise
@@ -29,6 +29,7 @@ __all__ = [
     "sde_from_config",
     "GaussianMixture",
     "ExactEpsModel",
+    "FullCovGaussianMixture",
     "ScoreFunction",
     "Denoiser",
     "score_fn_from_eps",
