@@ -19,8 +19,10 @@ renamed over the target with ``os.replace``, so a crash mid-save leaves the prev
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -39,20 +41,37 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt, unsafe to unpickle, or not ours."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, no permission, ...); the previous file is intact."""
+
+
+def _temporary(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.tmp-{pid}")
+
+
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, ``os.replace``); returns the path."""
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, ``os.replace``); returns the path.
+
+    A failed write removes its temporary, leaves any previous checkpoint at ``path`` whole, and
+    raises :class:`CheckpointWriteError` naming the path and the reason (``no space left on device``
+    when the disk is full, whether the error came from Python or from torch's C++ writer).
+    """
     path = Path(path)
     if not isinstance(state, dict):
         raise ValueError(f"state must be a dict; got {type(state).__name__}")
     _check_plain(state, "state")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary(path, os.getpid())
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        reason = _write_failure(err, path.parent)
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"could not write checkpoint to {path}: {reason}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -65,6 +84,52 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> Path:
     except OSError:
         pass
     return path
+
+
+#: below this many free bytes a failed write is reported as a full disk
+_FULL_DISK_BYTES = 1 << 20
+
+
+def _write_failure(err: BaseException, folder: Path) -> str:
+    """The reason a write failed, in words: the OS error's text, or, for torch's C++ writer (which
+    drops the errno: ``PytorchStreamWriter failed writing file ...``), a full disk when the folder's
+    file system has (almost) no free space left."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return (err.strerror or os.strerror(err.errno)).lower()
+    try:
+        if shutil.disk_usage(folder).free < _FULL_DISK_BYTES:
+            return os.strerror(errno.ENOSPC).lower()
+    except OSError:
+        pass
+    return _first_line(err)
+
+
+def clean_temporaries(path: PathLike, *, all_pids: bool = False) -> list:
+    """Remove the temporaries ``.NAME.tmp-PID`` that interrupted :func:`save_checkpoint` calls left
+    next to ``path``: those whose process is gone, or all of them with ``all_pids`` (for a caller
+    that holds the run directory's lock, so no other writer can be active). Returns the paths removed."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not all_pids and pid.isdigit() and _alive(int(pid)):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 _PLAIN_SCALARS = (bool, int, float, str, type(None))
@@ -106,6 +171,10 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
+    from .diffusers_io import looks_like_safetensors, safetensors_message
+
+    if looks_like_safetensors(path):
+        raise CheckpointError(safetensors_message(path))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -145,6 +214,7 @@ def load_model(path: PathLike, *, ema: bool = True, device: Any = "cpu") -> Tupl
 
     state = load_checkpoint(path)
     _require(state, ("model_config", "sde_config", "model", "config"), path)
+    _check_entries(state, path)
     if not isinstance(state["model_config"], dict):
         raise CheckpointError(f"checkpoint {path} has no model_config (trained with a network lacking .config); "
                               "build the network yourself and load state['model']")
@@ -162,10 +232,37 @@ def load_model(path: PathLike, *, ema: bool = True, device: Any = "cpu") -> Tupl
     return model, sde_from_config(state["sde_config"]), state["config"]
 
 
+def _check_entries(state: Dict[str, Any], path: PathLike) -> None:
+    """Refuse entries of the wrong kind with one line naming the entry, what it should be and what it is."""
+
+    def bad(key: str, expected: str) -> CheckpointError:
+        value = state[key]
+        return CheckpointError(f"checkpoint {path} has a malformed {key!r} entry: expected {expected}; "
+                               f"got {type(value).__name__}")
+
+    def tensors(d: Any) -> bool:
+        return isinstance(d, dict) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+    for key in ("config", "model_config", "sde_config", "metrics", "versions"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise bad(key, "a dict")
+    if "step" in state and (isinstance(state["step"], bool) or not isinstance(state["step"], int)):
+        raise bad("step", "an integer")
+    if "model" in state and not tensors(state["model"]):
+        raise bad("model", "a dict of tensors")
+    ema = state.get("ema")
+    if ema:
+        decay = ema.get("decay") if isinstance(ema, dict) else None
+        if (not isinstance(ema, dict) or not tensors(ema.get("shadow"))
+                or isinstance(decay, bool) or not isinstance(decay, (int, float))):
+            raise bad("ema", "a dict with a number 'decay' and a dict of tensors 'shadow'")
+
+
 def checkpoint_info(path: PathLike) -> Dict[str, Any]:
     """A summary: step, dataset, preset, conditional, SDE and model configs, whether EMA weights exist,
-    parameter count, versions."""
+    parameter count, versions. A malformed entry raises :class:`CheckpointError` naming it."""
     state = load_checkpoint(path)
+    _check_entries(state, path)
     config = state.get("config") or {}
     n_params = sum(v.numel() for v in (state.get("model") or {}).values() if isinstance(v, torch.Tensor))
     return {
@@ -185,4 +282,5 @@ def checkpoint_info(path: PathLike) -> Dict[str, Any]:
     }
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_model", "checkpoint_info"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "CheckpointWriteError", "save_checkpoint", "load_checkpoint",
+           "load_model", "checkpoint_info", "clean_temporaries"]

@@ -100,9 +100,22 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item() > 0.5)
 
 
+def agree_to_stop(time_over: bool, signalled: bool, info: DistInfo, device: torch.device) -> tuple[bool, bool]:
+    """``(time_over, signalled)`` agreed by every rank in one collective: the wall-clock decision is
+    rank 0's (clocks differ), a signal on any rank counts (SIGINT/SIGTERM may reach one rank only).
+    Every rank then stops at the same step."""
+    if not info.enabled:
+        return time_over, signalled
+    t = torch.tensor([1.0 if (time_over and info.is_main) else 0.0, 1.0 if signalled else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    over, sig = t.tolist()
+    return over > 0.5, sig > 0.5
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
 
 
-__all__ = ["DistInfo", "setup", "cleanup", "rank_slice", "all_reduce_mean", "broadcast_flag", "barrier", "env_world_size"]
+__all__ = ["DistInfo", "setup", "cleanup", "rank_slice", "all_reduce_mean", "broadcast_flag", "agree_to_stop", "barrier",
+           "env_world_size"]

@@ -26,18 +26,27 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
+import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 from . import distributed
 from ._tensor import append_dims, unchecked
-from .checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
+from .checkpoint import FORMAT, FORMAT_VERSION, clean_temporaries, load_checkpoint, save_checkpoint
 from .ema import EMA
 from .losses import WEIGHTINGS, DenoisingLoss
 from .sde import SDES, sde_from_config
@@ -48,10 +57,14 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 #: fields that may differ between a run and its resumption (they do not change what is computed
 #: at a given step, except ``steps``/``max_minutes``, which only move the end, and the numerics
-#: knobs ``amp``/``tf32``/``compile*``, which round differently but compute the same step)
-_RESUMABLE_CHANGES = {"steps", "max_minutes", "out_dir", "device", "log_every", "sample_every", "ckpt_every",
-                      "sample_steps", "sampler", "num_samples", "num_workers", "compile",
-                      "compile_mode", "tf32", "amp"}
+#: knobs ``amp``/``tf32``/``compile*``, which round differently but compute the same step);
+#: with ``lr_schedule="cosine"`` the schedule decays to ``steps``, so ``steps`` is fixed too
+RESUMABLE_FIELDS = frozenset({"steps", "max_minutes", "out_dir", "device", "log_every", "sample_every", "ckpt_every",
+                              "sample_steps", "sampler", "num_samples", "num_workers", "compile",
+                              "compile_mode", "tf32", "amp"})
+
+#: what a run directory holds once a run has started in it
+RUN_FILES = ("checkpoint.pt", "config.json", "metrics.jsonl")
 
 
 @dataclass
@@ -127,8 +140,66 @@ class TrainConfig:
     def replace(self, **changes: Any) -> "TrainConfig":
         return self.from_dict({**self.to_dict(), **changes})
 
+    # -- building a run's config ---------------------------------------------------------------
+    @classmethod
+    def resolve(cls, overrides: Mapping[str, Any], *, saved: Optional[Mapping[str, Any]] = None) -> "TrainConfig":
+        """The validated config of a run: a base updated by ``overrides``.
+
+        The base is ``saved`` (a resumed run's complete ``config.json``; fields it lacks take the
+        defaults) or the defaults. Dict-valued fields (``sde_kwargs``, ``model_kwargs``) are merged
+        key by key. A base's preset overrides belong to its preset: when ``overrides`` choose another
+        ``model`` (``sde``) without giving ``model_kwargs`` (``sde_kwargs``), those start empty.
+        Which fields a resumed run may change is checked against its checkpoint by :func:`train`
+        (:meth:`check_resume`).
+        """
+        defaults = cls().to_dict()
+        base = {**defaults, **dict(saved)} if saved is not None else defaults
+        cls.from_dict(base)  # unknown keys in a saved config: one line naming them
+        values = dict(base)
+        for k, v in overrides.items():
+            values[k] = {**values[k], **v} if isinstance(v, dict) and isinstance(values.get(k), dict) else v
+        for name, kwargs in (("model", "model_kwargs"), ("sde", "sde_kwargs")):
+            if values.get(name) != base[name] and kwargs not in overrides:
+                values[kwargs] = {}
+        return cls.from_dict(values).validate()
+
+    @classmethod
+    def for_run(cls, overrides: Mapping[str, Any], *, resume: bool = False) -> "TrainConfig":
+        """:meth:`resolve` with the base a run directory decides: with ``resume`` and a
+        ``config.json`` in the run directory (``overrides["out_dir"]`` or the default), that file;
+        else the defaults. A ``config.json`` that is not a JSON object raises ``ValueError``."""
+        out_dir = Path(overrides.get("out_dir") or cls.out_dir)
+        saved = None
+        path = out_dir / "config.json"
+        if resume and path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{path} is not valid JSON ({err})") from None
+            if not isinstance(saved, dict):
+                raise ValueError(f"{path} does not hold a config (a JSON object); got {type(saved).__name__}")
+        return cls.resolve(overrides, saved=saved)
+
+    def check_resume(self, saved: Mapping[str, Any], where: Any = "the checkpoint") -> None:
+        """Refuse to continue a run saved with config ``saved`` under this config when a field that
+        alters training differs (every field outside :data:`RESUMABLE_FIELDS`; with a cosine schedule
+        ``steps`` too). Raises ``ValueError`` naming ``where`` and each changed field."""
+        now = self.to_dict()
+        free = RESUMABLE_FIELDS - ({"steps"} if self.lr_schedule == "cosine" else set())
+        diff = sorted(k for k in now if k not in free and saved.get(k) != now[k])
+        if diff:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+            raise ValueError(f"cannot resume from {where}: the config changed in fields that alter training ({detail})")
+
     def validate(self) -> "TrainConfig":
-        """Check every field; raise ``ValueError`` naming the first bad one."""
+        """Check every field; raise ``ValueError`` naming the first bad one.
+
+        Types first, exactly as the named command-line options would: bools must be ``True``/``False``
+        (not ``"maybe"``), integers integers (not ``1e3``), numbers finite (not NaN or inf), strings
+        strings; then the ranges and the names.
+        """
+        _check_types(self)
+
         def positive_int(name: str, allow_zero: bool = False) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
@@ -170,6 +241,48 @@ class TrainConfig:
         return self
 
 
+def _check_types(config: "TrainConfig") -> None:
+    """Refuse a field whose value does not have its annotated type (one line naming field and value).
+
+    ``bool`` fields take only ``True``/``False``; ``int`` fields only integers (not bools); ``float``
+    fields integers or floats that are finite; ``Optional[...]`` fields also ``None``; dict fields
+    dicts; ``betas`` two finite numbers.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        _check_value(f.name, getattr(config, f.name), hints.get(f.name, Any))
+
+
+def _check_value(name: str, value: Any, hint: Any) -> None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        if value is None:
+            return
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else Any
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false; got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer; got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number; got {value!r}")
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string; got {value!r}")
+    elif hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a table of key = value pairs; got {value!r}")
+    elif hint is tuple or origin is tuple:
+        if not isinstance(value, (tuple, list)) or not all(
+            not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in value
+        ):
+            raise ValueError(f"{name} must be a list of finite numbers; got {value!r}")
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns."""
@@ -179,7 +292,7 @@ class TrainResult:
     final_checkpoint: str
     metrics: Dict[str, Any]
     elapsed_s: float
-    stopped_by: str  # "steps" | "time"
+    stopped_by: str  # "steps" | "time" (a signal raises TrainingInterrupted instead)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -287,8 +400,11 @@ def lr_lambda(config: TrainConfig):
 
 
 def build_data(config: TrainConfig):
+    """The training set the config names; a toy too large for the memory is refused before it is drawn."""
+    from .memory import check_dataset_fits
     from .data import load_dataset
 
+    check_dataset_fits(config.dataset, config.data_n)
     return load_dataset(config.dataset, root=config.data_root, n=config.data_n, seed=config.seed, flip=config.flip)
 
 
@@ -299,8 +415,23 @@ def build_network(config: TrainConfig, data_shape: tuple, num_classes: Optional[
     return build_model(config.model, data_shape=data_shape, num_classes=num_classes, **config.model_kwargs)
 
 
+#: sample grids narrower than this many pixels are enlarged by an integer factor (nearest neighbour)
+MIN_GRID_PIXELS = 256
+
+
+def upscale_nearest(img: torch.Tensor, min_width: int = MIN_GRID_PIXELS) -> torch.Tensor:
+    """Enlarge ``(C, H, W)`` by the smallest integer factor ``k`` with ``k W >= min_width`` (each pixel
+    becomes a ``k x k`` block: nearest neighbour, no blur); images already that wide are returned as they are."""
+    k = max(1, math.ceil(min_width / img.shape[-1]))
+    return img if k == 1 else img.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+
+
 def save_sample_grid(x: torch.Tensor, path: Path, title: str = "") -> None:
-    """Write samples as a PNG: a tiled image grid for ``(N, C, H, W)`` in [-1, 1], a scatter plot for 2-D vectors."""
+    """Write samples as a PNG: a tiled image grid for ``(N, C, H, W)`` in [-1, 1], a scatter plot for 2-D vectors.
+
+    A grid narrower than :data:`MIN_GRID_PIXELS` (8x8 digits: 73 px) is enlarged by an integer
+    factor with nearest-neighbour blocks (:func:`upscale_nearest`).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,6 +446,7 @@ def save_sample_grid(x: torch.Tensor, path: Path, title: str = "") -> None:
         for i in range(n):
             r, q = divmod(i, cols)
             grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = x[i]
+        grid = upscale_nearest(grid)
         img = ((grid.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
         plt.imsave(path, img[..., 0] if c == 1 else img, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
         return
@@ -327,28 +459,9 @@ def save_sample_grid(x: torch.Tensor, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-@torch.no_grad()
-def draw_samples(model: nn.Module, sde, shape: tuple, config: TrainConfig, device: torch.device,
-                 num_classes: Optional[int] = None) -> torch.Tensor:
-    """``config.num_samples`` samples with ``config.sampler`` (labels cycle through the classes when conditional)."""
-    import solvers
-
-    n = config.num_samples
-    kwargs = {}
-    if num_classes is not None:
-        kwargs["model_kwargs"] = {"y": torch.arange(n, device=device) % num_classes}
-    res = solvers.sample(model, sde, (n, *shape), sampler=config.sampler, steps=config.sample_steps,
-                         generator=config.seed, device=device, **kwargs)
-    return res.x
-
-
-def _check_resume_compatible(saved: Dict[str, Any], config: TrainConfig, path: Path) -> None:
-    now = config.to_dict()
-    free = _RESUMABLE_CHANGES - ({"steps"} if config.lr_schedule == "cosine" else set())  # cosine decays to `steps`
-    diff = sorted(k for k in now if k not in free and saved.get(k) != now[k])
-    if diff:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
-        raise ValueError(f"cannot resume from {path}: the config changed in fields that alter training ({detail})")
+#: how the trainer draws its sample grids: ``draw(model, sde, shape, device=..., model_kwargs=...)``
+#: returns ``shape = (num_samples, *data_shape)`` samples (the model carries the EMA weights, in eval mode)
+DrawFn = Callable[..., torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,28 +471,250 @@ def train(
     config: TrainConfig,
     *,
     resume: bool = False,
+    force: bool = False,
     progress: bool = True,
     model: Optional[nn.Module] = None,
     dataset: Any = None,
+    draw: Optional[DrawFn] = None,
 ) -> TrainResult:
     """Train a score network as ``config`` says; with ``resume``, continue from ``out_dir/checkpoint.pt``
     when it exists (exactly: the continued run equals an uninterrupted one).
 
-    ``model`` and ``dataset`` replace the ones built from the config (tests, custom networks): the
-    model must follow ``model(x, t, y=None) -> eps``; the dataset needs ``x``, ``y``, ``num_classes``.
-    Under ``torchrun`` every rank calls this; rank 0 writes the files.
+    Args:
+        config: the run (validated here).
+        resume: continue the run in ``out_dir``; its checkpoint's config must agree on every field
+            that alters training (:meth:`TrainConfig.check_resume`).
+        force: start afresh in an ``out_dir`` that already holds a run, deleting its files
+            (without ``resume`` or ``force`` such a directory is refused: :class:`RunDirectoryError`).
+        progress: show a bar against whichever limit (``steps`` or ``max_minutes``) ends the run.
+        model, dataset: replace the ones built from the config (tests, custom networks): the model
+            must follow ``model(x, t, y=None) -> eps``; the dataset needs ``x``, ``y``, ``num_classes``.
+        draw: how to draw the sample grids (:data:`DrawFn`), e.g. with :func:`solvers.sample`; without
+            it no grids are drawn (a warning says so when ``num_samples > 0``).
+
+    The run directory is checked, locked (``out_dir/.lock``: a second run on it fails at once) and
+    cleared of temporaries of interrupted saves before anything expensive is built. SIGINT and
+    SIGTERM during the loop end it at the next step boundary with a checkpoint (written atomically),
+    then raise :class:`TrainingInterrupted`. Under ``torchrun`` every rank calls this; rank 0 holds
+    the lock and writes the files.
     """
     config = TrainConfig.from_dict(config.to_dict()).validate()
     info, device = distributed.setup(resolve_device(config.device))
+    lock = None
     try:
-        return _Run(config, info, device, model, dataset).run(resume=resume, progress=progress)
+        error = None
+        if info.is_main:
+            try:
+                lock = RunDirectory(config.out_dir).open(resume=resume, force=force)
+            except Exception as err:  # shared with the other ranks below, then raised
+                error = err
+        failed = distributed.broadcast_flag(error is not None, info, device)
+        if error is not None:
+            raise error
+        if failed:
+            raise RunDirectoryError(f"rank 0 could not prepare the run directory {config.out_dir} (see its error)")
+        if config.num_samples > 0 and draw is None:
+            warnings.warn("train(): num_samples > 0 but no draw function was given, so no sample grids are drawn "
+                          "(pass draw=..., or num_samples=0)", stacklevel=2)
+        return _Run(config, info, device, model, dataset, draw).run(resume=resume, progress=progress)
     finally:
+        if lock is not None:
+            lock.close()
         distributed.cleanup(info)
 
 
+class RunDirectoryError(ValueError):
+    """The run directory cannot be used: not writable, in use by another run, or holding a run that
+    would be overwritten."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM ended the run; a checkpoint of the last completed step was written first.
+
+    Attributes: ``signal`` (the signal number), ``step`` and ``checkpoint`` (its path).
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: str):
+        name = signal.Signals(signum).name
+        super().__init__(f"training stopped by {name} at step {step}; checkpoint saved to {checkpoint} "
+                         "(continue with resume=True / --resume)")
+        self.signal, self.step, self.checkpoint = signum, step, checkpoint
+
+
+LOCK_NAME = ".lock"
+
+
+class RunDirectory:
+    """A run directory held for one run: created, checked and locked (``flock`` on ``out/.lock``).
+
+    :meth:`open` refuses a directory that is not writable, is locked by another live process, or
+    (without ``resume``/``force``) already holds a run (any of :data:`RUN_FILES`); with ``force`` it
+    deletes that run's files. Holding the lock, it removes every temporary an interrupted
+    :func:`~scoresde.checkpoint.save_checkpoint` left. :meth:`close` deletes the lock file and
+    releases the lock. The lock is advisory and per host (``flock``); where ``fcntl`` is missing
+    (Windows) the directory is not locked.
+    """
+
+    def __init__(self, out: Any):
+        self.out = Path(out)
+        self.path = self.out / LOCK_NAME
+        self.fd: Optional[int] = None
+
+    def open(self, *, resume: bool = False, force: bool = False) -> "RunDirectory":
+        out = self.out
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirectoryError(f"cannot create the run directory {out}: {err.strerror or err}") from None
+        if not out.is_dir():
+            raise RunDirectoryError(f"the run directory {out} is not a directory")
+        self._lock()
+        try:
+            existing = [name for name in RUN_FILES if (out / name).exists()]
+            if existing and not resume:
+                if not force:
+                    raise RunDirectoryError(
+                        f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it or "
+                        "--force to overwrite it (resume=True / force=True), or choose another --out"
+                    )
+                for p in [out / n for n in (*RUN_FILES, "samples.png")] + sorted(out.glob("samples_*.png")):
+                    p.unlink(missing_ok=True)
+            clean_temporaries(out / "checkpoint.pt", all_pids=True)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _lock(self) -> None:
+        if fcntl is None:  # pragma: no cover - Windows
+            return
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise RunDirectoryError(f"cannot write to the run directory {self.out}: {err.strerror or err}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise RunDirectoryError(
+                    f"{self.out} is in use by another training run (pid {holder} holds {self.path}); "
+                    "wait for it to end or choose another --out"
+                ) from None
+            try:  # the holder before us may have deleted the file it locked: then lock the new one
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def close(self) -> None:
+        """Delete the lock file and release the lock (idempotent)."""
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still holding it: see _lock
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+@contextlib.contextmanager
+def _stop_on_signals(on_signal: Callable[[int], None]):
+    """Route SIGINT and SIGTERM to ``on_signal`` for the duration (main thread only; a signal the
+    process ignores stays ignored); the previous handlers come back afterwards."""
+    previous: Dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
+                previous[sig] = signal.signal(sig, lambda signum, frame: on_signal(signum))
+            except (ValueError, OSError):  # pragma: no cover - not allowed here
+                pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def progress_status(step: int, steps: int, elapsed: float, budget: Optional[float], start_step: int = 0):
+    """``(fraction, text)`` of a run at ``step`` after ``elapsed`` seconds of this session.
+
+    The run ends at ``steps`` or when ``elapsed`` reaches the time ``budget`` (seconds; ``None``: no
+    limit), whichever comes first, so the fraction done is ``max(step / steps, elapsed / budget)``.
+    The text gives the step, the time against the budget, and the time left: the smaller of
+    ``budget - elapsed`` and the remaining steps at this session's rate ``(step - start_step) / elapsed``.
+    """
+    frac = step / steps
+    left = math.inf
+    done = step - start_step
+    if done > 0 and elapsed > 0:
+        left = (steps - step) * elapsed / done
+    text = f"step {step}/{steps}"
+    if budget is not None:
+        frac = max(frac, elapsed / budget)
+        left = min(left, max(budget - elapsed, 0.0))
+        text += f", {_clock(elapsed)} of {_clock(budget)}"
+    else:
+        text += f", {_clock(elapsed)}"
+    text += f", {_clock(left)} left" if math.isfinite(left) else ""
+    return min(frac, 1.0), text
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class _Bar:
+    """A tqdm bar over the fraction of the run done (:func:`progress_status`), refreshed at most
+    every ``interval`` seconds."""
+
+    UNITS = 1000
+
+    def __init__(self, enabled: bool, start_step: int, steps: int, budget: Optional[float], interval: float = 0.5):
+        self.bar = None
+        self.start_step, self.steps, self.budget, self.interval = start_step, steps, budget, interval
+        self.extra, self.shown = "", -math.inf
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.UNITS, desc="training", dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def update(self, step: int, elapsed: float, force: bool = False) -> None:
+        if self.bar is None or (not force and elapsed - self.shown < self.interval):
+            return
+        self.shown = elapsed
+        frac, text = progress_status(step, self.steps, elapsed, self.budget, self.start_step)
+        self.bar.set_postfix_str(text + self.extra, refresh=False)
+        self.bar.n = int(frac * self.UNITS)
+        self.bar.refresh()
+
+    def close(self, step: int, elapsed: float, stopped_by: str) -> None:
+        if self.bar is None:
+            return
+        self.update(step, elapsed, force=True)
+        if stopped_by in ("steps", "time"):  # that limit ended the run: it is complete
+            self.bar.n = self.UNITS
+            self.bar.refresh()
+        self.bar.close()
+
+
 class _Run:
-    def __init__(self, config: TrainConfig, info: distributed.DistInfo, device: torch.device, model, dataset):
-        self.config, self.info, self.device = config, info, device
+    def __init__(self, config: TrainConfig, info: distributed.DistInfo, device: torch.device, model, dataset,
+                 draw: Optional[DrawFn] = None):
+        self.config, self.info, self.device, self.draw = config, info, device, draw
+        self.signalled: Optional[int] = None
+        self.saved_step = -1
         self.out = Path(config.out_dir)
         data = dataset if dataset is not None else build_data(config)
         self.x_all = data.x.to(device)
@@ -445,13 +780,14 @@ class _Run:
     def save(self) -> None:
         if self.info.is_main:
             save_checkpoint(self.ckpt_path, self.state())
+        self.saved_step = self.step
         distributed.barrier(self.info)
 
     def restore(self) -> bool:
         if not self.ckpt_path.is_file():
             return False
         state = load_checkpoint(self.ckpt_path, map_location="cpu")
-        _check_resume_compatible(state["config"], self.config, self.ckpt_path)
+        self.config.check_resume(state["config"], self.ckpt_path)
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
@@ -499,18 +835,25 @@ class _Run:
 
     # -- outputs ----------------------------------------------------------------------------
     def write_samples(self) -> Optional[Path]:
-        if not self.info.is_main or self.config.num_samples <= 0:
+        if not self.info.is_main or self.config.num_samples <= 0 or self.draw is None:
             return None
+        n = self.config.num_samples
+        kwargs = {}
+        if self.num_classes is not None:  # labels cycle through the classes
+            kwargs["model_kwargs"] = {"y": torch.arange(n, device=self.device) % self.num_classes}
         was_training = self.model.training
         self.model.eval()
         try:
-            with self.ema.average_parameters(self.model):
-                x = draw_samples(self.model, self.sde, self.shape, self.config, self.device, self.num_classes)
+            with self.ema.average_parameters(self.model), torch.no_grad():
+                x = self.draw(self.model, self.sde, (n, *self.shape), device=self.device, **kwargs)
         finally:
             self.model.train(was_training)
         path = self.out / f"samples_{self.step:06d}.png"
         save_sample_grid(x, path, title=f"step {self.step}")
         return path
+
+    def on_signal(self, signum: int) -> None:
+        self.signalled = signum
 
     def run(self, *, resume: bool, progress: bool) -> TrainResult:
         cfg, main = self.config, self.info.is_main
@@ -522,60 +865,63 @@ class _Run:
                 (self.out / "metrics.jsonl").write_text("")
             else:
                 _truncate_metrics(self.out / "metrics.jsonl", self.step)
-        bar = None
-        if progress and main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        budget = None if cfg.max_minutes is None else 60.0 * cfg.max_minutes
+        bar = _Bar(progress and main, self.step, cfg.steps, budget)
         self.model.train()
         start = time.perf_counter()
         window_start, window_steps = start, 0
         loss_sum = torch.zeros((), device=self.device)
         gnorm_last = torch.zeros((), device=self.device)
         stopped_by = "steps"
-        budget = None if cfg.max_minutes is None else 60.0 * cfg.max_minutes
-        with open(self.out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as log:
-            while self.step < cfg.steps:
-                if budget is not None:
-                    over = time.perf_counter() - start >= budget
-                    if distributed.broadcast_flag(over, self.info, self.device):
-                        stopped_by = "time"
-                        break
-                loss, gnorm_last = self.train_step(self.step)
-                self.step += 1
-                loss_sum += loss
-                window_steps += 1
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+        with _stop_on_signals(self.on_signal):
+            with open(self.out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as log:
+                while self.step < cfg.steps:
                     now = time.perf_counter()
-                    mean_loss = distributed.all_reduce_mean(loss_sum / window_steps, self.info)
-                    rate = window_steps / max(now - window_start, 1e-9)
-                    self.last_metrics = {
-                        "step": self.step,
-                        "loss": float(mean_loss),
-                        "lr": self.sched.get_last_lr()[0],
-                        "grad_norm": float(gnorm_last),
-                        "ema_decay": self.ema.current_decay(),
-                        "steps_per_s": rate,
-                        "samples_per_s": rate * cfg.batch_size,
-                        "elapsed_s": now - start,
-                    }
-                    if main:
-                        log.write(json.dumps(self.last_metrics) + "\n")
-                        log.flush()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{self.last_metrics['loss']:.4f}", img_s=f"{rate * cfg.batch_size:.0f}")
-                    loss_sum.zero_()
-                    window_start, window_steps = now, 0
-                if bar is not None:
-                    bar.update(1)
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
-                    self.write_samples()
-                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
-                    self.save()
-        if bar is not None:
-            bar.close()
-        elapsed = time.perf_counter() - start
-        self.save()
+                    over = budget is not None and now - start >= budget
+                    if self.info.enabled or over or self.signalled is not None:
+                        over, signalled = distributed.agree_to_stop(over, self.signalled is not None,
+                                                                    self.info, self.device)
+                        if signalled:
+                            stopped_by = "signal"
+                            break
+                        if over:
+                            stopped_by = "time"
+                            break
+                    bar.update(self.step, now - start)
+                    loss, gnorm_last = self.train_step(self.step)
+                    self.step += 1
+                    loss_sum += loss
+                    window_steps += 1
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        now = time.perf_counter()
+                        mean_loss = distributed.all_reduce_mean(loss_sum / window_steps, self.info)
+                        rate = window_steps / max(now - window_start, 1e-9)
+                        self.last_metrics = {
+                            "step": self.step,
+                            "loss": float(mean_loss),
+                            "lr": self.sched.get_last_lr()[0],
+                            "grad_norm": float(gnorm_last),
+                            "ema_decay": self.ema.current_decay(),
+                            "steps_per_s": rate,
+                            "samples_per_s": rate * cfg.batch_size,
+                            "elapsed_s": now - start,
+                        }
+                        if main:
+                            log.write(json.dumps(self.last_metrics) + "\n")
+                            log.flush()
+                        bar.extra = f", loss {self.last_metrics['loss']:.4f}, {rate * cfg.batch_size:.0f} img/s"
+                        loss_sum.zero_()
+                        window_start, window_steps = now, 0
+                    if cfg.sample_every and self.step % cfg.sample_every == 0:
+                        self.write_samples()
+                    if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                        self.save()
+            elapsed = time.perf_counter() - start
+            bar.close(self.step, elapsed, stopped_by)
+            if self.saved_step != self.step:
+                self.save()
+        if stopped_by == "signal":
+            raise TrainingInterrupted(self.signalled or signal.SIGINT, self.step, str(self.ckpt_path))
         if cfg.num_samples > 0 and not (cfg.sample_every and self.step % cfg.sample_every == 0):
             self.write_samples()
         return TrainResult(str(self.out), self.step, str(self.ckpt_path), dict(self.last_metrics), elapsed, stopped_by)
@@ -607,4 +953,5 @@ def _version() -> str:
 
 
 __all__ = ["TrainConfig", "TrainResult", "train", "resolve_device", "BatchSchedule", "step_generator",
-           "save_sample_grid", "draw_samples", "LR_SCHEDULES"]
+           "save_sample_grid", "upscale_nearest", "DrawFn", "LR_SCHEDULES", "RESUMABLE_FIELDS", "RUN_FILES",
+           "RunDirectory", "RunDirectoryError", "TrainingInterrupted", "progress_status"]

@@ -111,9 +111,20 @@ def test_label_dropout_replaces_labels_with_the_null_class(tmp_path):
     assert int(y.max()) == data.num_classes and int(y.min()) >= 0
 
 
+def _draw(sampler, steps, seed=0):
+    """What the CLI hands the trainer: solvers.sample with the config's sampler, steps and seed."""
+    import solvers
+
+    def draw(model, sde, shape, *, device=None, model_kwargs=None):
+        kw = {} if model_kwargs is None else {"model_kwargs": model_kwargs}
+        return solvers.sample(model, sde, shape, sampler=sampler, steps=steps, generator=seed, device=device, **kw).x
+
+    return draw
+
+
 def test_outputs_and_time_budget(tmp_path):
     res = train(tiny(tmp_path, steps=10_000, max_minutes=0.02, num_samples=16, sampler="ddim", sample_steps=2),
-                progress=False)
+                progress=False, draw=_draw("ddim", 2))
     assert res.stopped_by == "time" and 0 < res.step < 10_000
     cfg = TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
     assert cfg.max_minutes == 0.02 and cfg.dataset == "gmm"
