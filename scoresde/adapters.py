@@ -424,7 +424,22 @@ def as_eps_model(
     return model
 
 
+def trained_eps_model(net: Net, sde: SDE, config: Optional[dict] = None) -> Any:
+    """The eps model of a network trained here with ``config["prediction"]`` (``TrainConfig.prediction``):
+    ``net`` itself for ``"eps"`` (and for configs written before the field existed), else
+    :func:`as_eps_model` with ``config["sigma_data"]`` for ``"edm"``."""
+    config = config or {}
+    prediction = config.get("prediction") or "eps"
+    if prediction == "eps":
+        return net
+    model = as_eps_model(net, sde, prediction, sigma_data=float(config.get("sigma_data", 0.5)))
+    if isinstance(net, torch.nn.Module):
+        model.train(net.training)
+    return model
+
+
 __all__ = [
+    "trained_eps_model",
     "PREDICTIONS",
     "PREDICTION_ALIASES",
     "canonical_prediction",
