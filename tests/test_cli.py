@@ -175,7 +175,7 @@ def test_samplers_lists_every_sampler_with_knobs_and_defaults():
 # ---------------------------------------------------------------------------------------------
 def test_missing_checkpoint(tmp_path):
     for command in ("sample", "likelihood", "info"):
-        assert_one_line_error(invoke(command, tmp_path / "nope.pt"), "no checkpoint file at")
+        assert_one_line_error(invoke(command, tmp_path / "nope.pt"), "no checkpoint file")
 
 
 def test_corrupt_checkpoint(tmp_path):
