@@ -360,3 +360,79 @@ def test_bad_input_is_one_clear_error():
         conditional_sample(model, sde, noisy, 4, method="magic", steps=3)
     with pytest.raises(ValueError, match="particles"):
         smc_sample(model, sde, noisy, 2, particles=0, steps=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_app():
+    import typer
+
+    from cli.condition import register
+
+    app = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False)
+
+    @app.callback()
+    def root() -> None:  # a group, as in the real app
+        pass
+
+    register(app)
+    return app
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """An untrained tiny U-Net on (1, 8, 8) saved as a checkpoint (the CLI's plumbing, not quality)."""
+    from scoresde.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
+    from scoresde.networks import model_from_config
+
+    cfg = {"arch": "unet", "in_channels": 1, "image_size": 8, "base_channels": 8, "channel_mult": [1], "num_res_blocks": 1,
+           "attn_resolutions": [], "dropout": 0.0, "num_classes": None, "embedding": "sinusoidal"}
+    net = model_from_config(cfg)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, {"format": FORMAT, "format_version": FORMAT_VERSION, "model_config": cfg, "sde_config": VPSDE().config(), "model": net.state_dict(),
+                           "ema": None, "config": {"dataset": "digits"}, "step": 0})
+    return path
+
+
+def test_cli_inpaint_writes_png_and_tensors(cli_app, tiny_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+    import numpy as np
+
+    out = tmp_path / "inp.png"
+    r = CliRunner().invoke(cli_app, ["inpaint", str(tiny_checkpoint), "--no-ema", "--count", "2", "-n", "2", "--steps", "3",
+                                     "--resamplings", "2", "--jump-length", "1", "--device", "cpu", "-q", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.is_file()
+    blob = np.load(out.with_suffix(".npz"))
+    assert blob["samples"].shape == (2, 2, 1, 8, 8) and blob["x"].shape == (2, 1, 8, 8)
+    # the observed upper half is the truth's
+    np.testing.assert_allclose(blob["samples"][:, :, :, :4], np.repeat(blob["x"][:, None, :, :4], 2, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sigma-y", "-0.5"], "sigma-y must be >= 0"),
+    (["--method", "replacement", "--sigma-y", "0.1"], "noise-free"),
+    (["--method", "dps"], "needs noisy"),
+    (["--operator", "colorize"], "colour"),
+    (["--mask", "diagonal"], "unknown mask"),
+])
+def test_cli_bad_input_is_one_error_line(cli_app, tiny_checkpoint, tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(cli_app, ["inpaint", str(tiny_checkpoint), "--no-ema", "--count", "1", "-n", "1", "--steps", "2",
+                                     "--device", "cpu", "-q", "-o", str(tmp_path / "x.png")] + args)
+    assert r.exit_code != 0
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], r.output
+
+
+def test_cli_mask_file_of_the_wrong_shape(cli_app, tiny_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+    import numpy as np
+
+    np.save(tmp_path / "m.npy", np.ones((4, 4)))
+    r = CliRunner().invoke(cli_app, ["inpaint", str(tiny_checkpoint), "--no-ema", "--count", "1", "-n", "1", "--steps", "2",
+                                     "--device", "cpu", "-q", "--mask", str(tmp_path / "m.npy"), "-o", str(tmp_path / "x.png")])
+    assert r.exit_code != 0 and "mask" in r.output and "shape" in r.output, r.output

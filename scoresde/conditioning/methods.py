@@ -297,17 +297,36 @@ class _Guidance(nn.Module):
     """``eps' = eps - scale std(t) g`` with ``g = grad_x log p~(y | x_t)`` computed by autograd
     through the model's Tweedie estimate; the output is detached."""
 
-    def __init__(self, model: Callable[..., Tensor], sde: SDE, obs: Observation, scale: float = 1.0):
+    def __init__(self, model: Callable[..., Tensor], sde: SDE, obs: Observation, scale: float = 1.0,
+                 jacobian: str = "autograd"):
         super().__init__()
-        self.model, self.sde, self.obs, self.scale = model, sde, obs, float(scale)
+        if jacobian not in ("autograd", "gaussian"):
+            raise ValueError(f"jacobian must be 'autograd' or 'gaussian'; got {jacobian!r}")
+        self.model, self.sde, self.obs, self.scale, self.jacobian = model, sde, obs, float(scale), jacobian
 
     def residual_weight(self, r: Tensor, t: Tensor, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         """``Gamma^{-1} r`` for the method's likelihood covariance ``Gamma``."""
         raise NotImplementedError
 
+    #: ``"autograd"``: the exact vector-Jacobian product through the model; ``"gaussian"``: the
+    #: Jacobian of an ``N(m, v I)`` prior, ``d x0_hat / d x = alpha v / (alpha^2 v + std^2) I`` (no
+    #: backward pass; robust where a network's Jacobian is poor at high noise, where x0_hat divides by a
+    #: small alpha)
+    jacobian: str = "autograd"
+    data_var: float = 1.0
+
     def forward(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
         op = self.obs.operator
         t = _times(t, x)
+        if self.jacobian == "gaussian":
+            with torch.no_grad():
+                eps = self.model(x, t, **kwargs)
+                x0 = tweedie(eps, x, self.sde, t)
+                v = op.adjoint(self.residual_weight(self.obs.y_like(x) - op.forward(x0), t, x))
+                with unchecked():
+                    a, s = append_dims(self.sde.alpha(t), x.ndim), append_dims(self.sde.std(t), x.ndim)
+                g = a * self.data_var / (a * a * self.data_var + s * s) * v
+                return eps - self.scale * s * g
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             eps = self.model(xg, t, **kwargs)
@@ -329,10 +348,10 @@ class DPSGuidance(_Guidance):
     NFE: that of the sampler; each evaluation adds one backward pass through the model.
     """
 
-    def __init__(self, model, sde, obs, scale: float = 1.0):
+    def __init__(self, model, sde, obs, scale: float = 1.0, jacobian: str = "autograd"):
         if obs.sigma_y <= 0:
             raise ValueError("dps needs noisy observations (sigma_y > 0); for noise-free y use replacement, repaint, pigdm or smc")
-        super().__init__(model, sde, obs, scale)
+        super().__init__(model, sde, obs, scale, jacobian)
 
     def residual_weight(self, r, t, x):
         return r / self.obs.sigma_y**2
@@ -347,8 +366,8 @@ class PiGDMGuidance(_Guidance):
     Any ``sigma_y >= 0``. NFE: that of the sampler; each evaluation adds one backward pass.
     """
 
-    def __init__(self, model, sde, obs, scale: float = 1.0, data_var: float = 1.0):
-        super().__init__(model, sde, obs, scale)
+    def __init__(self, model, sde, obs, scale: float = 1.0, data_var: float = 1.0, jacobian: str = "autograd"):
+        super().__init__(model, sde, obs, scale, jacobian)
         if not data_var > 0:
             raise ValueError(f"data_var must be positive; got {data_var}")
         self.data_var = float(data_var)
@@ -451,10 +470,11 @@ def conditional_sample(
             x = hooked_ancestral(counted, sde, x_T, steps=steps, noise=noise, state_hook=hook)
         return ConditionalResult(x, counted.nfe)
     scale = float(knobs.pop("scale", 1.0))
+    jacobian = str(knobs.pop("jacobian", "autograd"))
     if method == "dps":
-        wrapper: nn.Module = DPSGuidance(model, sde, obs, scale=scale)
+        wrapper: nn.Module = DPSGuidance(model, sde, obs, scale=scale, jacobian=jacobian)
     else:
-        wrapper = PiGDMGuidance(model, sde, obs, scale=scale, data_var=float(knobs.pop("data_var", 1.0)))
+        wrapper = PiGDMGuidance(model, sde, obs, scale=scale, data_var=float(knobs.pop("data_var", 1.0)), jacobian=jacobian)
     res = solvers.sample(wrapper, sde, x_T=x_T, sampler=sampler, steps=steps, generator=noise, **knobs)
     return ConditionalResult(res.x, res.nfe)
 
