@@ -266,3 +266,24 @@ def test_a_folder_of_another_run_is_refused(net, tmp_path):
     generate_shards(net, sde, SHAPE, 4, tmp_path, max_shards=1, **{**SHARD_KW, "steps": 2})
     with pytest.raises(ValueError, match="holds shards of another run .*seed"):
         generate_shards(net, sde, SHAPE, 4, tmp_path, **{**SHARD_KW, "steps": 2, "seed": 12})
+
+
+def test_quality_sweep_script_writes_its_table_and_plot(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from scoresde.training import TrainConfig, train
+
+    cfg = TrainConfig(steps=2, max_minutes=None, batch_size=16, warmup=1, num_samples=0, ckpt_every=0, log_every=1,
+                      device="cpu", out_dir=str(tmp_path / "run"))
+    ckpt = train(cfg, progress=False).final_checkpoint
+    path = Path(__file__).resolve().parents[1] / "experiments" / "sweep_quality.py"
+    spec = importlib.util.spec_from_file_location("sweep_quality", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main([str(ckpt), "--samplers", "ddim", "heun", "--nfe", "2", "4", "-n", "8", "--batch-size", "8",
+                     "--out-dir", str(tmp_path / "q"), "--quiet"])
+    # heun spends 2 NFE per step but 1 on its last: 2 NFE -> 1 step (1 NFE), 4 -> 2 steps (3 NFE)
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("ddim", 2, 2), ("ddim", 4, 4), ("heun", 1, 1), ("heun", 2, 3)]
+    assert all("fd" in r for r in rows)
+    assert {p.name for p in (tmp_path / "q").iterdir()} == {"quality.csv", "quality.md", "quality.png"}
