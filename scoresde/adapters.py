@@ -108,6 +108,24 @@ def check_dtype(net: Any, x: torch.Tensor) -> None:
     )
 
 
+class _Wrapper(torch.nn.Module):
+    """Base of the adapters: attributes it lacks (``config``, ``num_classes``, ...) are read from the
+    wrapped network, so code written for the raw network keeps working on the wrapper."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("net", "model") or name.startswith("_"):
+                raise
+            d = self.__dict__
+            inner = d["_modules"].get("net", d.get("net")) if "net" in d["_modules"] or "net" in d else \
+                d["_modules"].get("model", d.get("model"))
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+
 def _scales(sde: SDE, x: torch.Tensor, t: torch.Tensor):
     t = sde._t(t, x)
     if t.ndim == 0:
@@ -148,7 +166,7 @@ def eps_to_output(eps: torch.Tensor, x: torch.Tensor, sde: SDE, t: torch.Tensor,
     raise ValueError(f"eps_to_output handles eps, x0, v and score; got {prediction!r}")
 
 
-class PredictionAdapter(torch.nn.Module):
+class PredictionAdapter(_Wrapper):
     """``net(x, t, **kw)`` predicting ``eps``, ``x0``, ``v`` or ``score`` -> ``model(x, t, **kw) -> eps``.
 
     Args:
@@ -170,7 +188,7 @@ class PredictionAdapter(torch.nn.Module):
         return output_to_eps(out, x, self.sde, t, self.prediction)
 
 
-class DenoiserAdapter(torch.nn.Module):
+class DenoiserAdapter(_Wrapper):
     """A k-diffusion / EDM denoiser ``D(y, sigma) ~ E[x0 | y]`` on the scaled input ``y = x / alpha``
     (``y = x0 + sigma eps``, ``sigma = std / alpha``; Karras et al. 2022) -> ``model(x, t) -> eps``.
 
@@ -203,7 +221,7 @@ def edm_scalings(sigma: torch.Tensor, sigma_data: float):
     return sigma_data**2 / var, sigma * sigma_data / root, 1.0 / root
 
 
-class EDMPreconditioner(torch.nn.Module):
+class EDMPreconditioner(_Wrapper):
     """A network ``F`` trained with EDM preconditioning -> ``model(x, t) -> eps``.
 
     With ``y = x / alpha(t)`` and ``sigma = sigma(t)``, ``D(y) = c_skip y + c_out F(c_in y, t)`` (see
@@ -242,7 +260,7 @@ class EDMPreconditioner(torch.nn.Module):
         return ((1.0 - c_skip) * y - c_out * f) / sigma
 
 
-class DiscreteTimeAdapter(torch.nn.Module):
+class DiscreteTimeAdapter(_Wrapper):
     """A discrete-timestep network ``net(x, timestep, **kw)`` (DDPM; diffusers' ``UNet2DModel``) ->
     ``model(x, t, **kw) -> eps``.
 
@@ -333,7 +351,7 @@ class DiscreteTimeAdapter(torch.nn.Module):
         return output_to_eps(out, x, self.sde, t, self.prediction)
 
 
-class ClipX0(torch.nn.Module):
+class ClipX0(_Wrapper):
     """Clip or dynamically threshold the ``x0`` estimate of an eps model; returns the matching eps.
 
     ``x0 = (x - std eps) / alpha`` is replaced by ``c(x0)`` and ``eps' = (x - alpha c(x0)) / std``, so

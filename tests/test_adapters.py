@@ -224,3 +224,14 @@ def test_discrete_adapter_refuses_bad_schedules():
     with pytest.raises(ValueError, match="2C = 4 output channels"):
         adapters.DiscreteTimeAdapter(lambda x, i: torch.zeros(x.shape[0], 3), VPSDE(), learned_variance=True)(
             torch.zeros(2, 2), torch.full((2,), 0.5))
+
+
+def test_wrappers_expose_the_network_attributes():
+    net = _Lin()
+    net.config = {"arch": "lin"}
+    for model in (adapters.as_eps_model(net, VPSDE(), "v"), adapters.as_eps_model(net, VPSDE(), "edm"),
+                  adapters.ClipX0(adapters.as_eps_model(net, VPSDE(), "x0"), VPSDE())):
+        assert model.config == {"arch": "lin"}
+        assert list(model.parameters()) == list(net.parameters())
+        with pytest.raises(AttributeError):
+            model.not_there
