@@ -238,7 +238,7 @@ def load_images(source: Union[str, os.PathLike, torch.Tensor, np.ndarray]) -> to
             if (path / "manifest.json").is_file():
                 from .generate import load_shards
 
-                imgs = to_uint8(load_shards(path))
+                imgs = load_shards(path, transform=to_uint8)
             else:
                 imgs = _read_image_folder(path)
         elif path.suffix == ".npz":

@@ -577,11 +577,14 @@ def generate_shards(
     return report
 
 
-def load_shards(out_dir: Union[str, os.PathLike], *, require_complete: bool = True) -> torch.Tensor:
+def load_shards(out_dir: Union[str, os.PathLike], *, require_complete: bool = True,
+                transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Concatenate the shards of ``out_dir`` in id order into ``(n, *shape)``.
 
     Reads the manifest for ``n`` and ``shard_size``; with ``require_complete`` a missing or invalid
     shard is a ``ValueError`` naming it (a run still in progress, or one that was stopped).
+    ``transform`` is applied to each shard's samples before concatenation (e.g. a conversion to
+    uint8 images, so 50,000 float samples never sit in memory at once).
     """
     out = Path(out_dir)
     manifest = out / MANIFEST
@@ -599,7 +602,8 @@ def load_shards(out_dir: Union[str, os.PathLike], *, require_complete: bool = Tr
                 raise ValueError(f"{out}: shard {p.name} (ids {start}..{stop - 1}) is missing or incomplete; "
                                  "rerun the same command to finish it")
             continue
-        parts.append(read_shard(p)["x"])
+        x = read_shard(p)["x"]
+        parts.append(x if transform is None else transform(x))
     if not parts:
         raise ValueError(f"{out} holds no complete shard")
     return torch.cat(parts)

@@ -236,6 +236,13 @@ def test_images_from_npz_pt_png_and_shards_agree(tmp_path):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "png" / f"{i:03d}.png")
     for src in ("s.npz", "s.pt", "png"):
         assert torch.equal(fd.load_images(tmp_path / src), u8), src
+    # a shard folder of generate_shards (a stand-in network: eps = x / 2)
+    from scoresde.generate import generate_shards, load_shards
+    from scoresde.sde import VPSDE
+
+    generate_shards(lambda x, t: x / 2, VPSDE(), (3, 4, 4), 7, tmp_path / "shards", shard_size=3, sampler="ddim", steps=2)
+    want = fd.to_uint8(load_shards(tmp_path / "shards").clamp(-1, 1))
+    assert torch.equal(fd.load_images(tmp_path / "shards"), want) and want.shape == (7, 3, 4, 4)
 
 
 def test_dataset_images_are_the_stored_levels():
