@@ -252,7 +252,7 @@ class VPSDE(SDE):
         return 2.0 * c / (self.beta_min + torch.sqrt(self.beta_min**2 + 2.0 * d * c))
 
     def config(self):
-        return {"name": "VPSDE", "beta_min": self.beta_min, "beta_max": self.beta_max, "T": self.T}
+        return {"name": _registered_name(type(self)), "beta_min": self.beta_min, "beta_max": self.beta_max, "T": self.T}
 
 
 class SubVPSDE(VPSDE):
@@ -277,7 +277,7 @@ class SubVPSDE(VPSDE):
         return 2.0 * c / (self.beta_min + torch.sqrt(self.beta_min**2 + 2.0 * d * c))
 
     def config(self):
-        return {"name": "SubVPSDE", "beta_min": self.beta_min, "beta_max": self.beta_max, "T": self.T}
+        return {"name": _registered_name(type(self)), "beta_min": self.beta_min, "beta_max": self.beta_max, "T": self.T}
 
 
 class VESDE(SDE):
@@ -318,7 +318,7 @@ class VESDE(SDE):
         return (-0.5 * lam - math.log(self.sigma_min)) / self._log_ratio * self.T
 
     def config(self):
-        return {"name": "VESDE", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "T": self.T}
+        return {"name": _registered_name(type(self)), "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "T": self.T}
 
 
 class CosineVPSDE(SDE):
@@ -361,7 +361,7 @@ class CosineVPSDE(SDE):
         return torch.arccos(torch.exp(log_cos)) * (2 * (1 + self.s) / math.pi) - self.s
 
     def config(self):
-        return {"name": "CosineVPSDE", "s": self.s, "T": self.T}
+        return {"name": _registered_name(type(self)), "s": self.s, "T": self.T}
 
 
 #: short name -> SDE class: the built-ins, plus every class added with :func:`register_sde`

@@ -359,3 +359,20 @@ def test_register_sde_round_trips_a_custom_sde_through_its_config():
 def test_register_sde_refuses_non_sdes():
     with pytest.raises(ValueError, match="subclass of scoresde.SDE"):
         scoresde.register_sde("nope", dict)
+
+
+def test_a_registered_subclass_of_a_builtin_round_trips_as_itself():
+    from scoresde.sde import SDES
+
+    class SlowVP(scoresde.VPSDE):
+        pass
+
+    try:
+        scoresde.register_sde("slow_vp_test", SlowVP)
+        cfg = SlowVP(beta_max=15.0).config()
+        assert cfg["name"] == "slow_vp_test"
+        back = scoresde.sde_from_config(cfg)
+        assert type(back) is SlowVP and back.beta_max == 15.0
+    finally:
+        SDES.pop("slow_vp_test", None)
+    assert scoresde.VPSDE().config()["name"] == "VPSDE"
