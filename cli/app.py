@@ -27,6 +27,7 @@ from scoresde.networks import PRESETS
 from scoresde.sde import SDES
 from scoresde.training import TrainConfig, resolve_device
 
+from . import condition, evaluate
 from ._util import (UserError, check_writable_dir, check_writable_file, grid_drawer, load_toml, merge_config,
                     parse_pairs, user_errors)
 
@@ -549,21 +550,9 @@ def samplers() -> None:
             typer.echo(f"    {key}={default!r}" + (f"  {helptext}" if helptext else ""))
 
 
-def _register_extensions() -> None:
-    """Commands defined in their own modules: evaluation (FID/KID/IS) and conditional generation."""
-    import importlib
-
-    for name in ("evaluate", "condition"):
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__package__}.{name}":
-                raise
-            continue
-        module.register(app)
-
-
-_register_extensions()
+# Commands defined in their own modules: evaluation (FID/KID/IS) and conditional generation.
+evaluate.register(app)
+condition.register(app)
 
 
 def main() -> None:
