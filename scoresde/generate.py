@@ -363,7 +363,7 @@ def _plain(v: Any) -> Any:
     """JSON stand-in for a setting: tensors as lists, dataclasses as dicts, else ``str`` (no addresses)."""
     import dataclasses
 
-    if isinstance(v, torch.Tensor):
+    if isinstance(v, torch.Tensor) or type(v).__module__ == "numpy":
         return v.tolist()
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
@@ -479,9 +479,8 @@ def generate_shards(
     The run's settings (``n``, ``shard_size``, ``shape``, ``seed``, ``sampler``, ``steps``, the
     ``generate_kwargs`` and the caller's ``run_info``, e.g. the checkpoint's path and step) are written to
     ``out_dir/manifest.json``; a rerun into a folder made with other settings is refused with a
-    ``ValueError`` instead of mixing two runs' samples. ``chunk`` and ``batch_size`` are not part of
-    the fingerprint only when they cannot change the bits: ``batch_size`` never does, ``chunk`` does
-    and is recorded.
+    ``ValueError`` instead of mixing two runs' samples. ``chunk`` can change the last bits and is
+    recorded; ``batch_size`` and the device index cannot and are not, so a rerun may use other ones.
 
     Args:
         n: total number of samples of the whole run (all ranks).
