@@ -287,3 +287,49 @@ def test_quality_sweep_script_writes_its_table_and_plot(tmp_path):
     assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("ddim", 2, 2), ("ddim", 4, 4), ("heun", 1, 1), ("heun", 2, 3)]
     assert all("fd" in r for r in rows)
     assert {p.name for p in (tmp_path / "q").iterdir()} == {"quality.csv", "quality.md", "quality.png"}
+
+
+KILLED_WORKER = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_generate import SHARD_KW, N_SHARDED, SHAPE, _net
+from scoresde.generate import generate_shards
+from scoresde.sde import VPSDE
+
+real_save = torch.save
+
+def save_then_die(obj, path, *a, **k):
+    if "shard-000002" in str(path):  # die half-way through writing the third shard
+        with open(path, "wb") as f:
+            f.write(b"PK half a shard")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, path, *a, **k)
+
+torch.save = save_then_die
+generate_shards(_net(), VPSDE(), SHAPE, N_SHARDED, {out!r}, **SHARD_KW)
+"""
+
+
+def test_a_killed_run_leaves_no_corrupt_shard_and_resumes(net, tmp_path):
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    out = tmp_path / "shards"
+    code = KILLED_WORKER.format(tests=str(Path(__file__).resolve().parent), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    names = sorted(p.name for p in out.iterdir())
+    # two finished shards, the temporary of the third (never under its final name), the manifest
+    assert [n for n in names if n.startswith("shard-")] == ["shard-000000.pt", "shard-000001.pt"], names
+    assert any(n.startswith(".shard-000002.pt.tmp-") for n in names), names
+    stamps = {k: shard_path(out, k).stat().st_mtime_ns for k in (0, 1)}
+    rep = generate_shards(_net(), VPSDE(), SHAPE, N_SHARDED, out, **SHARD_KW)
+    assert rep.skipped == [0, 1] and rep.drawn == [2, 3] and rep.complete
+    assert {k: shard_path(out, k).stat().st_mtime_ns for k in (0, 1)} == stamps
+    assert not list(out.glob(".*tmp-*"))
+    one = generate(_net(), VPSDE(), SHAPE, N_SHARDED, seed=11, sampler="euler_maruyama", steps=4, batch_size=N_SHARDED,
+                   chunk=4).x
+    assert torch.equal(load_shards(out), one)
