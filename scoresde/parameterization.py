@@ -10,7 +10,9 @@ With ``x_t = alpha x_0 + std eps`` (any SDE in :mod:`scoresde.sde`):
           ``eps = (std x_t + alpha v) / (alpha^2 + std^2)``.
 
 Every function takes the SDE and ``t`` of shape ``(B,)`` and broadcasts over any data rank.
-The model contract is ``model(x, t, **kwargs) -> eps``.
+The model contract is ``model(x, t, **kwargs) -> eps``; to wrap a network that predicts x0, v, the
+score, an EDM/k-diffusion denoiser or works on discrete timesteps, use :mod:`scoresde.adapters`
+(:func:`scoresde.as_eps_model`).
 """
 
 from __future__ import annotations
