@@ -495,8 +495,8 @@ def train(
     The run directory is checked, locked (``out_dir/.lock``: a second run on it fails at once) and
     cleared of temporaries of interrupted saves before anything expensive is built. SIGINT and
     SIGTERM during the loop end it at the next step boundary with a checkpoint (written atomically),
-    then raise :class:`TrainingInterrupted`. Under ``torchrun`` every rank calls this; rank 0 holds
-    the lock and writes the files.
+    then raise :class:`TrainingInterrupted` (a second signal interrupts at once). Under ``torchrun``
+    every rank calls this; rank 0 holds the lock and writes the files.
     """
     config = TrainConfig.from_dict(config.to_dict()).validate()
     info, device = distributed.setup(resolve_device(config.device))
@@ -687,15 +687,16 @@ class _Bar:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.UNITS, desc="training", dynamic_ncols=True,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+            # the status text rides in desc: tqdm would put ", " before a postfix
+            self.bar = tqdm(total=self.UNITS, desc="", dynamic_ncols=True,
+                            bar_format="training: {percentage:3.0f}%|{bar}| {desc}")
 
     def update(self, step: int, elapsed: float, force: bool = False) -> None:
         if self.bar is None or (not force and elapsed - self.shown < self.interval):
             return
         self.shown = elapsed
         frac, text = progress_status(step, self.steps, elapsed, self.budget, self.start_step)
-        self.bar.set_postfix_str(text + self.extra, refresh=False)
+        self.bar.set_description_str(text + self.extra, refresh=False)
         self.bar.n = int(frac * self.UNITS)
         self.bar.refresh()
 
@@ -853,6 +854,11 @@ class _Run:
         return path
 
     def on_signal(self, signum: int) -> None:
+        """First SIGINT/SIGTERM: stop at the next step boundary with a checkpoint. A second one while
+        that is pending (a long step, grid or save) interrupts at once; a save in progress is atomic,
+        so the previous checkpoint stays whole."""
+        if self.signalled is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped without a final checkpoint")
         self.signalled = signum
 
     def run(self, *, resume: bool, progress: bool) -> TrainResult:

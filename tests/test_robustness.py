@@ -332,7 +332,7 @@ def test_likelihood_refuses_non_finite_data_and_models():
         for fn in (log_likelihood, encode, decode):
             with pytest.raises(ValueError, match="holds 1 non-finite value"):
                 fn(zero, sde, bad)
-    images = torch.zeros(2, 1, 2, 2)
+    images = torch.full((2, 1, 2, 2), -1.0)  # level 0 of 256: on the grid, but for one NaN pixel
     images[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="images holds 1 non-finite value"):
         bits_per_dim(zero, sde, images)
