@@ -331,7 +331,9 @@ def dist_env() -> Tuple[int, int, int]:
 
 def local_device(device: Union[torch.device, str]) -> torch.device:
     """The device a rank should sample on: ``cuda:LOCAL_RANK`` when ``device`` is CUDA without an
-    index under ``torchrun``, else ``device`` itself."""
+    index under ``torchrun``, else ``device`` itself. ``"auto"`` means CUDA when available, else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

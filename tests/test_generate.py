@@ -333,3 +333,14 @@ def test_a_killed_run_leaves_no_corrupt_shard_and_resumes(net, tmp_path):
     one = generate(_net(), VPSDE(), SHAPE, N_SHARDED, seed=11, sampler="euler_maruyama", steps=4, batch_size=N_SHARDED,
                    chunk=4).x
     assert torch.equal(load_shards(out), one)
+
+
+def test_local_device_under_torchrun(monkeypatch):
+    from scoresde.generate import local_device
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_device("cuda") == torch.device("cuda", 1)
+    assert local_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
+    assert local_device("cpu") == torch.device("cpu")
+    assert local_device("auto") == (torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu"))
