@@ -436,3 +436,31 @@ def test_cli_mask_file_of_the_wrong_shape(cli_app, tiny_checkpoint, tmp_path):
     r = CliRunner().invoke(cli_app, ["inpaint", str(tiny_checkpoint), "--no-ema", "--count", "1", "-n", "1", "--steps", "2",
                                      "--device", "cpu", "-q", "--mask", str(tmp_path / "m.npy"), "-o", str(tmp_path / "x.png")])
     assert r.exit_code != 0 and "mask" in r.output and "shape" in r.output, r.output
+
+
+@pytest.mark.parametrize("sampler, knobs", [("ddim", dict(steps=50, eta=1.0)), ("dpm_solver", dict(steps=20)),
+                                            ("euler_maruyama", dict(steps=100))])
+def test_replacement_hook_works_with_other_samplers(sampler, knobs):
+    gm, obs, post = ring_problem("impute")
+    sde = VPSDE()
+    n = 400
+    res = conditional_sample(gm.eps_model(sde), sde, obs, n, method="replacement", sampler=sampler, generator=1, dtype=F64, **knobs)
+    h = default_bandwidth(post)
+    assert mmd2(res.x, post, h).mmd2 < 0.25 * mmd2(gm.sample(n, torch.Generator().manual_seed(2)), post, h).mmd2
+    torch.testing.assert_close(obs.operator(res.x), obs.y.expand(n, 1))
+
+
+def test_cli_train_classifier_writes_a_loadable_classifier(cli_app, tmp_path):
+    from typer.testing import CliRunner
+
+    from scoresde.conditioning import NoisyClassifier
+
+    out = tmp_path / "clf.pt"
+    r = CliRunner().invoke(cli_app, ["train-classifier", "--steps", "5", "--hidden", "16", "--depth", "1", "-q", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    blob = torch.load(out, weights_only=True)
+    cfg = dict(blob["config"])
+    assert cfg["num_classes"] == 10 and cfg["in_shape"] == [1, 8, 8]
+    clf = NoisyClassifier(cfg["in_shape"], cfg["num_classes"], VPSDE(), hidden=cfg["hidden"], depth=cfg["depth"])
+    clf.load_state_dict(blob["state_dict"])
+    assert clf(torch.zeros(2, 1, 8, 8), torch.full((2,), 0.5)).shape == (2, 10)
