@@ -12,7 +12,6 @@ import torch
 
 import solvers
 from scoresde import GaussianMixture, VPSDE
-from scoresde.analytic import FullCovGaussianMixture
 from scoresde.conditioning import (
     ClassifierGuidance,
     Colorize,
@@ -464,3 +463,22 @@ def test_cli_train_classifier_writes_a_loadable_classifier(cli_app, tmp_path):
     clf = NoisyClassifier(cfg["in_shape"], cfg["num_classes"], VPSDE(), hidden=cfg["hidden"], depth=cfg["depth"])
     clf.load_state_dict(blob["state_dict"])
     assert clf(torch.zeros(2, 1, 8, 8), torch.full((2,), 0.5)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("method", ["pigdm", "smc", "repaint"])
+def test_one_observation_per_sample(method):
+    """y of shape (B, M): sample i conditions on y_i (the observed coordinate lands on it)."""
+    gm, sde = GaussianMixture.ring(), VPSDE()
+    op = Mask.from_name("keep:0", (2,))
+    y = torch.tensor([[-3.0], [0.0], [2.6], [3.5]], dtype=F64)
+    knobs = dict(particles=4) if method == "smc" else {}
+    res = conditional_sample(gm.eps_model(sde), sde, Observation(op, y, 0.0), 4, method=method, steps=40, generator=0,
+                             dtype=F64, **knobs)
+    assert torch.all((res.x[:, 0] - y[:, 0]).abs() < 0.05), (res.x[:, 0], y[:, 0])
+
+
+def test_replacement_with_a_sampler_without_hook_is_an_error():
+    gm, obs, post = ring_problem("impute")
+    sde = VPSDE()
+    with pytest.raises(ValueError, match="state hook"):
+        conditional_sample(gm.eps_model(sde), sde, obs, 4, method="replacement", sampler="ode", steps=3)
