@@ -317,7 +317,7 @@ class DiscreteTimeAdapter(_Wrapper):
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         """Fractional timestep ``i(t)`` for continuous time ``t`` (same shape and dtype)."""
-        target = (2 * self.sde.log_alpha(t)).to(torch.float64)
+        target = 2 * self.sde.log_alpha(t.to(torch.float64))  # float64: integer steps stay integers
         table = -self._log_abar.to(target.device)  # increasing
         hi = torch.searchsorted(table, -target.contiguous()).clamp(1, table.numel() - 1)
         lo = hi - 1
