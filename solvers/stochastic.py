@@ -84,8 +84,7 @@ def finish_denoise(run: Run, grid: StepGrid, x: Tensor, denoise_final: bool) -> 
     n = len(grid)
     eps = run.eps(x, grid.tl[n])
     x0 = tweedie(x, eps, grid.alphal[n], grid.stdl[n])
-    run.report(n, 0.0, x0, x0)
-    return x0
+    return run.report(n, 0.0, x0, x0, t_prev=grid.tl[n])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,3 +197,18 @@ def test_empty_or_integer_x_T_is_refused(name):
         solvers.SAMPLERS[name](model, sde, torch.zeros(3, 2, dtype=torch.long), **_steps(name))
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         solvers.SAMPLERS[name](model, sde, torch.zeros(3, 2), steps=0)
+
+
+@pytest.mark.parametrize("name", ["ancestral", "pc", "sde"])
+def test_a_replacement_at_the_final_denoise_is_kept(name):
+    sde = VPSDE()
+    model = GaussianMixture.ring().eps_model(sde)
+    last = {}
+
+    def hook(step):
+        last["index"], last["t"] = step.index, step.t
+        return torch.full_like(step.x, -0.5) if step.t == 0.0 else None
+
+    res = solvers.sample(model, sde, (3, 2), sampler=name, steps=3, generator=0, dtype=F64, state_hook=hook)
+    assert last == {"index": 3, "t": 0.0}
+    assert torch.equal(res.x, torch.full_like(res.x, -0.5))
