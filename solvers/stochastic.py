@@ -31,7 +31,7 @@ from scoresde._tensor import append_dims
 from scoresde.sde import SDE
 
 from .base import Run
-from .registry import GridOptions, Sampler, knob
+from .registry import SCHEDULES, GridOptions, Sampler, knob
 
 Tensor = torch.Tensor
 
@@ -158,8 +158,9 @@ def _correct(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """One Langevin step ``x <- x + e score + sqrt(2 e) z`` at ``s = t[i + 1]``; ``alpha_i = r_i^2``.
 
-    ``langevin`` (Song et al. 2021, Algorithms 2/3): ``e = 2 alpha_i (snr ||z|| / ||score||)^2``
-    with per-sample norms over all non-batch dims. ``ald`` (annealed Langevin dynamics, Song &
+    ``langevin`` (Song et al. 2021, Algorithms 2/3): ``e = min(2 alpha_i (snr ||z|| / ||score||)^2,
+    std_s^2)`` with per-sample norms over all non-batch dims; the cap (never reached on images) keeps a
+    near-zero score, or a zero network output, from making the step infinite. ``ald`` (annealed Langevin dynamics, Song &
     Ermon 2019, in score_sde's form): ``e = 2 alpha_i (snr std_s)^2``, i.e. the same rule with
     ``||z|| / ||score||`` replaced by its typical value ``std_s`` (``||score|| ~ sqrt(D) / std``).
     With ``score = -eps / std_s`` the step is ``x + sqrt(2 e) z - (e / std_s) eps``.
@@ -170,7 +171,8 @@ def _correct(
     z = run.noise(x, stream)
     if kind == "langevin":
         score_norm = (_norm(eps) / s_s).clamp_min(torch.finfo(x.dtype).tiny)
-        e = 2.0 * alpha_i * (snr * _norm(z) / score_norm) ** 2  # (B,)
+        # capped at std_s^2: -hess log p_s <= I / std_s^2 (Tweedie), so Langevin is stable for e < 2 std_s^2
+        e = (2.0 * alpha_i * (snr * _norm(z) / score_norm) ** 2).clamp_(max=s_s * s_s)  # (B,)
         x_new = z.mul_(append_dims(torch.sqrt(2.0 * e), x.ndim)).add_(x).addcmul_(eps, append_dims(-e / s_s, x.ndim))
     else:  # ald
         e = 2.0 * alpha_i * (snr * s_s) ** 2
@@ -191,7 +193,8 @@ class PredictorOptions(GridOptions):
 class CorrectorOptions(GridOptions):
     """Options of the Langevin corrector: the step rule, its ``snr`` and the steps per level."""
 
-    corrector: str = knob("ald", "Langevin step rule: 'ald' e = 2 r (snr std)^2, 'langevin' e = 2 r (snr |z| / |score|)^2", ("langevin", "ald"))
+    corrector: str = knob("ald", "Langevin step rule: 'ald' e = 2 r (snr std)^2; 'langevin' the paper's "
+                          "e = 2 r (snr |z| / |score|)^2, capped at std^2", ("langevin", "ald"))
     snr: float = knob(0.16, "signal-to-noise ratio of the corrector's step")
     corrector_steps: int = knob(1, "corrector steps at each time")
 
@@ -204,11 +207,22 @@ class CorrectorOptions(GridOptions):
 
 
 @dataclass(frozen=True)
+class LangevinOptions(CorrectorOptions):
+    """Options of :func:`langevin`: more, larger corrector steps on a log-SNR grid by default (the
+    corrector alone has no predictor to carry the law between levels)."""
+
+    schedule: str = knob("logsnr", "time grid: a name in solvers.SCHEDULES", tuple(SCHEDULES))
+    snr: float = knob(0.3, "signal-to-noise ratio of the corrector's step")
+    corrector_steps: int = knob(2, "corrector steps at each time")
+
+
+@dataclass(frozen=True)
 class PCOptions(CorrectorOptions):
     """Options of :func:`pc`: a predictor followed by corrector steps at each time."""
 
     predictor: str = knob("reverse_diffusion", "predictor step", PREDICTORS)
-    corrector: str = knob("langevin", "corrector step rule ('none': predictor only)", CORRECTORS)
+    corrector: str = knob("ald", "corrector step rule: 'ald' e = 2 r (snr std)^2; 'langevin' the paper's "
+                          "e = 2 r (snr |z| / |score|)^2, capped at std^2; 'none': predictor only", CORRECTORS)
 
     def check(self) -> None:
         super().check()
@@ -281,29 +295,35 @@ def pc(run: Run, steps: int, opts: PCOptions) -> Tensor:
 
     Each step runs the predictor from ``t_i`` to ``t_{i+1}`` (``euler_maruyama``,
     ``reverse_diffusion``, ``ancestral`` or ``none``), then ``corrector_steps`` corrector steps at
-    ``t_{i+1}`` (``langevin``: step ``e = 2 alpha_i (snr ||z|| / ||score||)^2``, norms per sample
-    over all non-batch dims; ``ald``: ``e = 2 alpha_i (snr std)^2``; or ``none``), with
-    ``alpha_i = r_i^2`` from ``transition`` (``1 - beta_i`` for VP-type SDEs, 1 for VE). This is the
-    papers' order; score_sde_pytorch runs the corrector first at each time, which differs only by
-    a corrector at ``T`` instead of one at ``t_min``. ``steps * (1 + corrector_steps)`` NFE.
+    ``t_{i+1}`` (``ald``, the default: ``e = 2 alpha_i (snr std)^2``; ``langevin``, the paper's
+    rule: ``e = 2 alpha_i (snr ||z|| / ||score||)^2``, norms per sample over all non-batch dims,
+    capped at ``std^2``; or ``none``), with ``alpha_i = r_i^2`` from ``transition`` (``1 - beta_i``
+    for VP-type SDEs, 1 for VE). This is the papers' order; score_sde_pytorch runs the corrector
+    first at each time, which differs only by a corrector at ``T`` instead of one at ``t_min``.
+    ``steps * (1 + corrector_steps)`` NFE.
 
-    The per-sample ``langevin`` rule depends on the state, ``e ~ 1/||score(x)||^2``, and a Langevin
-    chain with a state-dependent step ``e(x)`` leaves ``p(x) / e(x)`` invariant, not ``p``
-    (Fokker-Planck with ``rho = p / e``): for Gaussian data the radius law moves from chi^2_D to
-    chi^2_{D+2}, a variance bias of order ``1/D`` whatever ``snr``, and in 1-2 dimensions
-    ``||score||`` is often near 0 and single steps explode. score_sde averages the norms over the
-    batch, which hides this but ties each sample to its batch. ``corrector="ald"`` has a
-    state-independent step.
+    Why ``ald`` by default: the paper's per-sample rule depends on the state, ``e ~
+    1/||score(x)||^2``, and a Langevin chain with a state-dependent step ``e(x)`` leaves ``p(x) /
+    e(x)`` invariant, not ``p`` (Fokker-Planck with ``rho = p / e``): for Gaussian data the radius
+    law moves from chi^2_D to chi^2_{D+2}, a variance bias of order ``1/D`` whatever ``snr``, and in
+    1-2 dimensions ``||score||`` is often near 0 and single steps explode (the cap bounds them but
+    not the bias). score_sde averages the norms over the batch, which hides this but ties each
+    sample to its batch. ``ald``'s step is the same for every sample and independent of the network
+    output, so it targets ``p_s`` (up to the discretisation bias of one Langevin step) at any data
+    dimension, and a zero network output is harmless. Measurements: docs/pc_defaults.md.
     """
     return _pc_loop(run, steps, opts, opts.predictor, opts.corrector, opts.corrector_steps, opts.snr, "pc")
 
 
-def langevin(run: Run, steps: int, opts: CorrectorOptions) -> Tensor:
+def langevin(run: Run, steps: int, opts: LangevinOptions) -> Tensor:
     """Annealed Langevin dynamics over the time grid: the corrector alone (Song & Ermon 2019).
 
     At each ``t_1, ..., t_N`` run ``corrector_steps`` Langevin steps targeting ``p_t``;
-    ``corrector="ald"`` uses ``e = 2 alpha_i (snr std_t)^2``, ``corrector="langevin"`` the snr
-    rule of :func:`pc`. ``steps * corrector_steps`` network evaluations (+1 to denoise).
+    ``corrector="ald"`` uses ``e = 2 alpha_i (snr std_t)^2``, ``corrector="langevin"`` the capped snr
+    rule of :func:`pc`. Defaults: ``ald`` with ``snr = 0.3``, two steps per level, on the log-SNR
+    grid (on a uniform VP grid only the last few percent of the levels are at low noise, too few for
+    the corrector alone to contract the law; see docs/pc_defaults.md). ``steps * corrector_steps``
+    network evaluations (+1 to denoise).
     """
     if opts.corrector_steps < 1:
         raise ValueError("the langevin sampler needs corrector_steps >= 1")
@@ -321,6 +341,6 @@ RECORDS = (
     Sampler("pc", pc, PCOptions, 1000, True, _NEEDS,
             summary="predictor-corrector (Song et al. 2021, Algorithms 2-3)",
             nfe="steps * (1 + corrector_steps) (+1 with denoise_final)"),
-    Sampler("langevin", langevin, CorrectorOptions, 1000, True, _NEEDS,
+    Sampler("langevin", langevin, LangevinOptions, 1000, True, _NEEDS,
             summary="annealed Langevin dynamics (Song & Ermon 2019)", nfe="steps * corrector_steps (+1 with denoise_final)"),
 )
