@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from ._util import UserError, user_errors
+from ._util import UserError, check_writable_file, user_errors
 
 fid_app = typer.Typer(help="Sample quality with Inception features: FID, KID, IS, precision/recall (needs the [eval] extra).",
                       no_args_is_help=True, add_completion=False)
@@ -29,16 +28,7 @@ def _writable(path: Path, what: str, suffix: str) -> Path:
     """Refuse, before any work, an output path of the wrong kind or in a folder this process cannot write."""
     if path.suffix.lower() != suffix:
         raise UserError(f"{what} must be a {suffix} file; got {path}")
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a directory; expected a file name")
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot write {what} {path}: {(err.strerror or str(err)).lower()}") from None
-    return path
+    return check_writable_file(path, what)
 
 
 def _extractor(weights: Optional[Path], download: bool, device: str):
