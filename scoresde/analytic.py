@@ -24,7 +24,52 @@ from .sde import SDE
 ArrayLike = Union[torch.Tensor, Sequence]
 
 
-class GaussianMixture:
+class _MixtureDensity:
+    """What both mixture classes derive from their per-component terms ``_components(x, alpha, v)``
+    (log joint ``log w_k + log N(x; alpha mu_k, alpha^2 C_k + v I)``) and their exact ``score``:
+    densities, responsibilities, the optimal noise prediction, the posterior mean and the eps model."""
+
+    def _components(self, x: torch.Tensor, alpha: torch.Tensor, var_noise: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def score(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log-density of the data distribution at ``x``: shape ``(B,)``."""
+        one = torch.ones((), dtype=x.dtype, device=x.device)
+        logj = self._components(x, one, 0 * one)[0]
+        return torch.logsumexp(logj, dim=1)
+
+    def marginal_log_prob(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Exact ``log p_t(x)`` of the forward-SDE marginal at time ``t``: shape ``(B,)``."""
+        t = sde._t(t, x)
+        logj = self._components(x, sde.alpha(t), sde.std(t) ** 2)[0]
+        return torch.logsumexp(logj, dim=1)
+
+    def responsibilities(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """``p_t(k | x_t = x)``, shape ``(B, K)``: the exact noisy classifier of the components."""
+        t = sde._t(t, x)
+        logj = self._components(x, sde.alpha(t), sde.std(t) ** 2)[0]
+        return torch.softmax(logj, dim=1)
+
+    def eps(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Optimal noise prediction ``E[eps | x_t = x] = -std(t) score(x, t)``."""
+        t = sde._t(t, x)
+        return -append_dims(sde.std(t), x.ndim) * self.score(sde, x, t)
+
+    def denoise(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Exact posterior mean ``E[x0 | x_t = x] = (x + std^2 score) / alpha`` (Tweedie)."""
+        t = sde._t(t, x)
+        a, s = append_dims(sde.alpha(t), x.ndim), append_dims(sde.std(t), x.ndim)
+        return (x + s * s * self.score(sde, x, t)) / a
+
+    def eps_model(self, sde: SDE) -> "ExactEpsModel":
+        """An exact ``model(x, t) -> eps`` for ``sde``: plug it into any sampler."""
+        return ExactEpsModel(self, sde)
+
+
+class GaussianMixture(_MixtureDensity):
     """``sum_k weights[k] N(means[k], stds[k]^2 I)`` with exact marginals and scores under any SDE.
 
     Args:
@@ -109,18 +154,6 @@ class GaussianMixture:
         logn = -0.5 * self.dim * torch.log(2 * math.pi * v) - 0.5 * sq / v
         return logw + logn, v, diff
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact log-density of the data distribution at ``x``: shape ``(B,)``."""
-        one = torch.ones((), dtype=x.dtype, device=x.device)
-        logj, _, _ = self._components(x, one, 0 * one)
-        return torch.logsumexp(logj, dim=1)
-
-    def marginal_log_prob(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Exact ``log p_t(x)`` of the forward-SDE marginal at time ``t``: shape ``(B,)``."""
-        t = sde._t(t, x)
-        logj, _, _ = self._components(x, sde.alpha(t), sde.std(t) ** 2)
-        return torch.logsumexp(logj, dim=1)
-
     def score(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
         """Exact ``grad_x log p_t(x)``, shape of ``x``."""
         t = sde._t(t, x)
@@ -128,21 +161,6 @@ class GaussianMixture:
         r = torch.softmax(logj, dim=1)  # (B, K) responsibilities
         score = -(r / v)[..., None] * diff  # (B, K, D)
         return score.sum(1).reshape(x.shape)
-
-    def eps(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Optimal noise prediction ``E[eps | x_t = x] = -std(t) score(x, t)``."""
-        t = sde._t(t, x)
-        return -append_dims(sde.std(t), x.ndim) * self.score(sde, x, t)
-
-    def denoise(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Exact posterior mean ``E[x0 | x_t = x]``."""
-        t = sde._t(t, x)
-        a, s = append_dims(sde.alpha(t), x.ndim), append_dims(sde.std(t), x.ndim)
-        return (x + s * s * self.score(sde, x, t)) / a
-
-    def eps_model(self, sde: SDE) -> "ExactEpsModel":
-        """An exact ``model(x, t) -> eps`` for ``sde``: plug it into any sampler."""
-        return ExactEpsModel(self, sde)
 
     def as_full(self) -> "FullCovGaussianMixture":
         """The same mixture as a :class:`FullCovGaussianMixture` (covariances ``s_k^2 I``)."""
@@ -274,7 +292,7 @@ class ExactEpsModel(torch.nn.Module):
         return self.mixture.eps(self.sde, x, t)
 
 
-class FullCovGaussianMixture:
+class FullCovGaussianMixture(_MixtureDensity):
     """``sum_k weights[k] N(means[k], covs[k])`` with full covariances, exact marginals and scores under any SDE.
 
     Under a linear SDE the marginal at time t is ``sum_k w_k N(alpha m_k, alpha^2 C_k + std^2 I)``.
@@ -363,24 +381,6 @@ class FullCovGaussianMixture:
         logn = -0.5 * (torch.log(2 * math.pi * v).sum(-1) + (z**2 / v).sum(-1))
         return torch.log(self.weights.to(**kw)) + logn, v, z
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact log-density at ``x`` (finite only where every covariance is non-singular): ``(B,)``."""
-        one = torch.ones((), dtype=x.dtype, device=x.device)
-        logj, _, _ = self._components(x, one, 0 * one)
-        return torch.logsumexp(logj, dim=1)
-
-    def marginal_log_prob(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Exact ``log p_t(x)`` of the forward-SDE marginal: shape ``(B,)``."""
-        t = sde._t(t, x)
-        logj, _, _ = self._components(x, sde.alpha(t), sde.std(t) ** 2)
-        return torch.logsumexp(logj, dim=1)
-
-    def responsibilities(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """``p_t(k | x)``, shape ``(B, K)``."""
-        t = sde._t(t, x)
-        logj, _, _ = self._components(x, sde.alpha(t), sde.std(t) ** 2)
-        return torch.softmax(logj, dim=1)
-
     def score(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
         """Exact ``grad_x log p_t(x)``, shape of ``x``."""
         t = sde._t(t, x)
@@ -389,21 +389,6 @@ class FullCovGaussianMixture:
         q = self.evecs.to(device=x.device, dtype=x.dtype)
         score = -torch.einsum("bke,kde->bd", r[..., None] * z / v, q)
         return score.reshape(x.shape)
-
-    def eps(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Optimal noise prediction ``-std(t) score(x, t)``."""
-        t = sde._t(t, x)
-        return -append_dims(sde.std(t), x.ndim) * self.score(sde, x, t)
-
-    def denoise(self, sde: SDE, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
-        """Exact posterior mean ``E[x0 | x_t = x]`` (Tweedie)."""
-        t = sde._t(t, x)
-        a, s = append_dims(sde.alpha(t), x.ndim), append_dims(sde.std(t), x.ndim)
-        return (x + s * s * self.score(sde, x, t)) / a
-
-    def eps_model(self, sde: SDE) -> "ExactEpsModel":
-        """An exact ``model(x, t) -> eps`` for ``sde``."""
-        return ExactEpsModel(self, sde)
 
     def __repr__(self) -> str:
         return f"FullCovGaussianMixture(K={self.num_components}, event_shape={self.event_shape})"
