@@ -58,11 +58,26 @@ def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
         torch.cuda.set_device(device)
     initialized_here = False
     if not dist.is_initialized():
+        _load_compiler_stack()
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         initialized_here = True
     if dist.get_world_size() != world:
         raise RuntimeError(f"process group has {dist.get_world_size()} ranks but WORLD_SIZE={world}")
     return DistInfo(rank, world, local_rank, initialized_here), device
+
+
+def _load_compiler_stack() -> None:
+    """Import torch's compiler stack (``torch.compiler.disable`` loads it) before the process group
+    exists.
+
+    Loaded afterwards, as the first optimizer loads it lazily, it keeps the group referenced inside
+    torch (2.13), so :func:`cleanup`'s ``destroy_process_group`` cannot free it: gloo's three threads
+    (``gloo_tcp_loop`` and two ``pt_gloo_runloop``) then run on into interpreter shutdown, where
+    they sporadically killed a finished worker with SIGABRT ("terminate called without an active
+    exception"). Loaded first, the group and its threads go at :func:`cleanup`
+    (``tests/test_distributed.py::test_cleanup_stops_the_backend_threads``).
+    """
+    torch.compiler.disable(lambda: None)
 
 
 def cleanup(info: DistInfo) -> None:

@@ -1,5 +1,9 @@
 """Data-parallel training under torchrun with 2 CPU (gloo) processes.
 
+On failure the fixture reports each worker's own stdout/stderr (torchrun ``--log-dir`` with
+``--redirects 3``) and, through ``PYTHONFAULTHANDLER``, the Python stack of a worker killed by a
+signal.
+
 Checks: both ranks end with bit-identical parameters and EMA weights; each rank's network sees
 half the global batch; the 2-process run equals a single process on the whole batch (so the
 effective batch is the sum of the per-rank batches); only rank 0 writes files.
@@ -35,8 +39,11 @@ WORKER = textwrap.dedent(
     model.register_forward_hook(lambda m, inp, outp: sizes.append(int(inp[0].shape[0])))
     res = train(cfg, progress=False, model=model, dataset=data)
     ema = torch.load(res.final_checkpoint, weights_only=True)["ema"]["shadow"] if rank == 0 else None
-    torch.save({"params": {k: v.detach() for k, v in model.named_parameters()}, "sizes": sizes, "ema": ema},
-               os.path.join(out, f"rank{rank}.pt"))
+    # the threads left once train() has destroyed its process group (Linux: /proc/self/task)
+    tasks = "/proc/self/task"
+    threads = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else None
+    torch.save({"params": {k: v.detach() for k, v in model.named_parameters()}, "sizes": sizes, "ema": ema,
+                "threads": threads}, os.path.join(out, f"rank{rank}.pt"))
     """
 )
 
@@ -46,11 +53,15 @@ def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     script = out / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out),
-           json.dumps(CONFIG)]
+    # PYTHONFAULTHANDLER: a worker killed by a signal (SIGABRT, SIGSEGV) prints its Python stack
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    logs = out / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--log-dir", str(logs), "--redirects", "3", str(script), str(out), json.dumps(CONFIG)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if proc.returncode != 0:  # each worker's own stdout/stderr, then torchrun's summary
+        workers = "".join(f"\n--- {p.relative_to(logs)} ---\n{p.read_text()[-4000:]}" for p in sorted(logs.rglob("*.log")))
+        pytest.fail(f"torchrun exited with {proc.returncode}{workers}\n--- torchrun ---\n{proc.stderr[-2000:]}")
     return out
 
 
@@ -93,6 +104,17 @@ def test_only_rank_zero_writes(ddp_run):
     assert files == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     steps = [json.loads(l)["step"] for l in (ddp_run / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6]  # one line per logged step, not one per rank
+
+
+def test_cleanup_stops_the_backend_threads(ddp_run):
+    # A gloo group that outlives destroy_process_group keeps its threads (gloo_tcp_loop, two
+    # pt_gloo_runloop) running into interpreter shutdown, where they sporadically ended a finished
+    # worker with SIGABRT (exit code -6). train() must leave none behind.
+    for r in (0, 1):
+        threads = torch.load(ddp_run / f"rank{r}.pt", weights_only=True)["threads"]
+        if threads is None:
+            pytest.skip("no /proc/self/task on this platform")
+        assert not [t for t in threads if "gloo" in t], threads
 
 
 def test_batch_must_split_evenly():
