@@ -211,11 +211,13 @@ def test_clipped_sampling_stays_in_range():
     model = adapters.ClipX0(GM.eps_model(sde), sde, clip=1.0)
     res = solvers.sample(model, sde, (64, 2), sampler="ddim", steps=20, generator=0, dtype=torch.float64,
                          keep_trajectory=True)
-    # every x0 estimate the sampler formed is inside the clip range (the ring's points lie at radius 3)
-    assert res.denoised is not None and float(res.denoised.abs().max()) <= 1.0 + 1e-9
+    # every x0 estimate the sampler formed is inside the clip range (the ring's points lie at radius 3);
+    # entries of states without an estimate may be NaN placeholders
+    d = res.denoised[torch.isfinite(res.denoised)]
+    assert d.numel() >= 19 * 64 * 2 and float(d.abs().max()) <= 1.0 + 1e-9
     plain = solvers.sample(GM.eps_model(sde), sde, (64, 2), sampler="ddim", steps=20, generator=0,
                            dtype=torch.float64, keep_trajectory=True)
-    assert float(plain.denoised.abs().max()) > 2.0
+    assert float(plain.denoised[torch.isfinite(plain.denoised)].abs().max()) > 2.0
 
 
 def test_discrete_adapter_refuses_bad_schedules():

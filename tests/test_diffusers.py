@@ -30,11 +30,19 @@ def _x_T():
     return torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
+def _knobs(name):
+    """A sampler's knobs and defaults, through either form of the registry."""
+    table = getattr(solvers, "SAMPLER_KNOBS", None)
+    if table is not None:
+        return dict(table.get(name, {}))
+    return dict(solvers.SAMPLERS[name].defaults())
+
+
 def _ours_ddim(model, sde, x_T, grid):
     """Our DDIM on an explicit grid (``ddim`` once it takes ``t_grid``; until then DPM-Solver-1, which
     is DDIM: first order, no corrector, the plain multistep last step)."""
     steps = len(grid) - 1
-    if "t_grid" in solvers.SAMPLER_KNOBS.get("ddim", {}):
+    if "t_grid" in _knobs("ddim"):
         return solvers.sample(model, sde, x_T=x_T, sampler="ddim", steps=steps, t_grid=grid, denoise_final=False).x
     return solvers.sample(model, sde, x_T=x_T, sampler="dpm_solver", steps=steps, t_grid=grid, order=1,
                           corrector=False, final_step="dpm", denoise_final=False).x
@@ -91,18 +99,22 @@ def _diffusers_ddpm_with_noise(unet, sched, x, zs):
     return x
 
 
+ANCESTRAL_GRID = "t_grid" in _knobs("ancestral")
+
+
+@pytest.mark.parametrize("spacing", ["trailing"] + (["leading", "linspace"] if ANCESTRAL_GRID else []))
 @pytest.mark.parametrize("prediction", ["epsilon", "sample"])
-def test_ddpm_ancestral_matches_diffusers_with_the_same_noise(tmp_path, prediction):
+def test_ddpm_ancestral_matches_diffusers_with_the_same_noise(tmp_path, prediction, spacing):
     n = 10
     sched = diffusers.DDPMScheduler(num_train_timesteps=1000, clip_sample=False, prediction_type=prediction,
-                                    timestep_spacing="trailing")
+                                    timestep_spacing=spacing)
     diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=sched).save_pretrained(tmp_path)
     model, sde, info = scoresde.load_any(tmp_path)
     theirs = info["scheduler_object"]
     grid = diffusers_io.diffusers_timesteps(theirs, n)
     x_T = _x_T()
     noise = RecordedNoise(5, torch.arange(B))
-    if "t_grid" in solvers.SAMPLER_KNOBS.get("ancestral", {}):
+    if ANCESTRAL_GRID:
         knobs = dict(t_grid=grid)
     else:  # trailing spacing is the uniform grid from T = 1 to t_end
         knobs = dict(schedule="uniform", t_min=float(grid[-1]))
