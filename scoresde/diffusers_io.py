@@ -107,7 +107,7 @@ def diffusers_timesteps(scheduler: Any, num_inference_steps: int, sde: Optional[
     Pass the result as ``t_grid`` with ``steps = num_inference_steps``.
 
     diffusers' DDIM steps from timestep ``i`` to ``i - N // steps``; this equals the next listed
-    timestep for ``leading`` spacing (``steps_offset = 0``) and for ``trailing`` when ``steps`` divides
+    timestep for ``leading`` spacing (any ``steps_offset``) and for ``trailing`` when ``steps`` divides
     ``N``. For other settings that chain is not a time grid, and a ``ValueError`` says so.
     """
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
