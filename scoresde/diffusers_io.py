@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .adapters import DiscreteTimeAdapter, canonical_prediction
+from .adapters import ClipX0, DiscreteTimeAdapter, canonical_prediction
 from .ddpm import DiscreteVPSDE
 from .sde import SDE
 
@@ -73,7 +73,8 @@ def scheduler_alphas_cumprod(scheduler: Any) -> torch.Tensor:
     return torch.as_tensor(abar).detach().to(torch.float64).cpu()
 
 
-def from_diffusers(unet: Any, scheduler: Any, *, sde: Optional[SDE] = None) -> Tuple[DiscreteTimeAdapter, SDE]:
+def from_diffusers(unet: Any, scheduler: Any, *, sde: Optional[SDE] = None,
+                   clip_sample: bool = False) -> Tuple[torch.nn.Module, SDE]:
     """``(model, sde)`` for a diffusers U-Net and its scheduler.
 
     From the scheduler: ``alphas_cumprod`` (the schedule the network was trained on),
@@ -83,6 +84,13 @@ def from_diffusers(unet: Any, scheduler: Any, *, sde: Optional[SDE] = None) -> T
     so timestep ``i`` is time ``(i + 1) / N``; any other VP-type SDE may be given (the adapter then maps
     its noise levels to fractional timesteps). Class labels and other U-Net inputs pass through as
     ``model_kwargs`` (e.g. ``class_labels=``).
+
+    ``clip_sample=True`` also applies the scheduler's treatment of the x0 estimate with
+    :class:`~scoresde.adapters.ClipX0`: ``thresholding`` (dynamic thresholding at
+    ``dynamic_thresholding_ratio``, capped at ``sample_max_value``) or ``clip_sample`` (clipping to
+    ``clip_sample_range``). The eps is then the one consistent with the clipped x0 (diffusers' DDIM with
+    ``use_clipped_model_output=True``; its DDPM step uses only x0 and x_t, so it agrees either way).
+    Off by default: clipping suits pixel data in ``[-1, 1]`` and changes the model the likelihood sees.
     """
     config = dict(getattr(scheduler, "config", {}) or {})
     abar = scheduler_alphas_cumprod(scheduler)
@@ -90,7 +98,13 @@ def from_diffusers(unet: Any, scheduler: Any, *, sde: Optional[SDE] = None) -> T
     learned = config.get("variance_type") in ("learned", "learned_range")
     if sde is None:
         sde = DiscreteVPSDE(abar)
-    model = DiscreteTimeAdapter(unet, sde, abar, prediction, learned_variance=learned)
+    model: torch.nn.Module = DiscreteTimeAdapter(unet, sde, abar, prediction, learned_variance=learned)
+    if clip_sample:
+        if config.get("thresholding"):
+            model = ClipX0(model, sde, 1.0, percentile=float(config.get("dynamic_thresholding_ratio", 0.995)),
+                           max_threshold=float(config.get("sample_max_value", 1.0)))
+        elif config.get("clip_sample"):
+            model = ClipX0(model, sde, float(config.get("clip_sample_range", 1.0)))
     return model, sde
 
 
@@ -175,14 +189,15 @@ def is_diffusers_folder(path: PathLike) -> bool:
 
 
 def load_diffusers(folder: PathLike, *, device: Any = "cpu", dtype: Optional[torch.dtype] = None,
-                   sde: Optional[SDE] = None) -> Tuple[DiscreteTimeAdapter, SDE, Dict[str, Any]]:
+                   sde: Optional[SDE] = None, clip_sample: bool = False) -> Tuple[torch.nn.Module, SDE, Dict[str, Any]]:
     """Load a local diffusers ``save_pretrained`` folder: ``(model, sde, info)``.
 
     ``folder`` is a pipeline folder (``model_index.json`` with a ``unet`` and a ``scheduler``
     component) or a bare model folder (``config.json`` naming e.g. ``UNet2DModel``; the scheduler is
     read from a ``scheduler_config.json`` beside it or a sibling ``scheduler/`` folder, else diffusers'
     default ``DDPMScheduler()``: DDPM's linear schedule, 1000 steps, epsilon; ``info["scheduler"]`` says
-    which). The network is in eval mode on ``device`` (and ``dtype`` when given). ``info`` holds the
+    which). ``clip_sample``: see :func:`from_diffusers`. The network is in eval mode on ``device`` (and
+    ``dtype`` when given). ``info`` holds the
     classes, ``prediction``, ``num_train_timesteps``, ``shape`` (``(C, H, W)`` of one sample when the
     config gives ``sample_size``) and ``source = "diffusers"``.
     """
@@ -225,7 +240,7 @@ def load_diffusers(folder: PathLike, *, device: Any = "cpu", dtype: Optional[tor
     unet.eval().to(device)
     if dtype is not None:
         unet.to(dtype)
-    model, sde = from_diffusers(unet, scheduler, sde=sde)
+    model, sde = from_diffusers(unet, scheduler, sde=sde, clip_sample=clip_sample)
     ucfg = dict(getattr(unet, "config", {}) or {})
     size = ucfg.get("sample_size")
     shape = None
@@ -240,6 +255,7 @@ def load_diffusers(folder: PathLike, *, device: Any = "cpu", dtype: Optional[tor
         "prediction": model.prediction,
         "learned_variance": bool(model.learned_variance),
         "num_train_timesteps": model.num_steps,
+        "clipped": isinstance(model, ClipX0),
         "shape": shape,
         "scheduler_object": scheduler,
     }

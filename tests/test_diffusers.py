@@ -175,3 +175,34 @@ def test_ddim_linspace_spacing_is_refused_with_the_reason():
     sched = diffusers.DDIMScheduler(timestep_spacing="linspace")
     with pytest.raises(ValueError, match="not a time grid"):
         diffusers_io.diffusers_timesteps(sched, 10)
+
+
+def test_clipping_and_thresholding_follow_the_scheduler(tmp_path):
+    """clip_sample=True reproduces diffusers' clipped DDPM (clip_sample, range 1) and DDIM with dynamic
+    thresholding (use_clipped_model_output=True: the eps consistent with the thresholded x0)."""
+    unet = tiny_unet()
+    # DDPM, clipping x0 to [-1, 1]
+    sched = diffusers.DDPMScheduler(clip_sample=True, timestep_spacing="trailing")
+    model, sde = scoresde.from_diffusers(unet, sched, clip_sample=True)
+    assert isinstance(model, scoresde.ClipX0)
+    grid = diffusers_io.diffusers_timesteps(sched, 10)
+    noise = RecordedNoise(7, torch.arange(B))
+    knobs = dict(t_grid=grid) if ANCESTRAL_GRID else dict(schedule="uniform", t_min=float(grid[-1]))
+    ours = solvers.sample(model, sde, x_T=_x_T(), sampler="ancestral", steps=10, generator=noise,
+                          denoise_final=False, **knobs).x
+    zs = [noise.drawn[k] for k in sorted(noise.drawn)][:10]
+    theirs = _diffusers_ddpm_with_noise(unet, sched, _x_T(), zs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+    unclipped = solvers.sample(scoresde.from_diffusers(unet, sched)[0], sde, x_T=_x_T(), sampler="ancestral", steps=10,
+                               generator=RecordedNoise(7, torch.arange(B)), denoise_final=False, **knobs).x
+    assert float((unclipped - theirs).abs().max()) > 0.1  # the clipping matters here
+    # DDIM with dynamic thresholding
+    sched = diffusers.DDIMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0)
+    model, sde = scoresde.from_diffusers(unet, sched, clip_sample=True)
+    grid = diffusers_io.diffusers_timesteps(sched, 10)
+    ours = _ours_ddim(model, sde, _x_T(), grid)
+    x = _x_T()
+    with torch.no_grad():
+        for ts in sched.timesteps:
+            x = sched.step(unet(x, ts).sample, ts, x, eta=0.0, use_clipped_model_output=True).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-4)
