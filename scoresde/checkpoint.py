@@ -207,7 +207,9 @@ def load_model(path: PathLike, *, ema: bool = True, device: Any = "cpu") -> Tupl
     """Rebuild the trained network and its SDE: ``(model in eval mode, sde, training config dict)``.
 
     With ``ema`` (default) the network carries the exponential-moving-average weights, which are
-    what one samples with; ``ema=False`` gives the raw trained weights.
+    what one samples with; ``ema=False`` gives the raw trained weights. A network trained with
+    ``prediction`` x0, v or edm is returned wrapped as ``model(x, t) -> eps``
+    (:func:`scoresde.adapters.trained_eps_model`; the raw network is its ``.net``).
     """
     from .networks import model_from_config
     from .sde import sde_from_config
@@ -229,7 +231,11 @@ def load_model(path: PathLike, *, ema: bool = True, device: Any = "cpu") -> Tupl
     except RuntimeError as err:
         raise CheckpointError(f"weights in {path} do not fit the model its config describes: {_first_line(err)}") from None
     model.to(device).eval()
-    return model, sde_from_config(state["sde_config"]), state["config"]
+    sde = sde_from_config(state["sde_config"])
+    # a network trained on x0 / v / EDM targets comes back wrapped as model(x, t) -> eps; old checkpoints are eps
+    from .adapters import trained_eps_model
+
+    return trained_eps_model(model, sde, state["config"]), sde, state["config"]
 
 
 def _check_entries(state: Dict[str, Any], path: PathLike) -> None:

@@ -48,6 +48,7 @@ from . import distributed
 from ._tensor import append_dims, unchecked
 from .checkpoint import FORMAT, FORMAT_VERSION, clean_temporaries, load_checkpoint, save_checkpoint
 from .ema import EMA
+from .adapters import trained_eps_model
 from .losses import WEIGHTINGS, DenoisingLoss
 from .sde import SDES, sde_from_config
 
@@ -87,6 +88,8 @@ class TrainConfig:
     weighting: str = "none"  # "none" (L_simple) | "likelihood" (g^2 / std^2, Song et al. 2021)
     importance_sampling: bool = False  # t with density proportional to the likelihood weight
     t_min: Optional[float] = None  # lower limit of training times (default: the SDE's t_min)
+    prediction: str = "eps"  # training target: "eps" | "x0" | "v" | "edm" (Karras et al. 2022 preconditioning)
+    sigma_data: float = 0.5  # EDM's data standard deviation (prediction="edm")
     # -- model ---------------------------------------------------------------------------------
     model: str = "digits"  # a preset in scoresde.networks.PRESETS
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
@@ -185,6 +188,7 @@ class TrainConfig:
         alters training differs (every field outside :data:`RESUMABLE_FIELDS`; with a cosine schedule
         ``steps`` too). Raises ``ValueError`` naming ``where`` and each changed field."""
         now = self.to_dict()
+        saved = {"prediction": "eps", "sigma_data": 0.5, **saved}  # checkpoints from before these fields
         free = RESUMABLE_FIELDS - ({"steps"} if self.lr_schedule == "cosine" else set())
         diff = sorted(k for k in now if k not in free and saved.get(k) != now[k])
         if diff:
@@ -213,6 +217,7 @@ class TrainConfig:
             raise ValueError(f"sde must be one of {sorted(SDES)}; got {self.sde!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {self.weighting!r}")
+        DenoisingLoss.check_target(self.prediction, self.sigma_data, self.weighting, self.importance_sampling)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
         for name in ("steps", "batch_size", "log_every"):
@@ -729,7 +734,8 @@ class _Run:
         self.local = distributed.rank_slice(config.batch_size, info)
 
         self.sde = sde_from_config({"name": config.sde, **config.sde_kwargs})
-        self.loss = DenoisingLoss(self.sde, config.weighting, config.importance_sampling, config.t_min)
+        self.loss = DenoisingLoss(self.sde, config.weighting, config.importance_sampling, config.t_min,
+                                  config.prediction, config.sigma_data)
         if model is None:
             model = build_network(config, self.shape, self.num_classes)
         self.model = model.to(device)
@@ -846,7 +852,8 @@ class _Run:
         self.model.eval()
         try:
             with self.ema.average_parameters(self.model), torch.no_grad():
-                x = self.draw(self.model, self.sde, (n, *self.shape), device=self.device, **kwargs)
+                x = self.draw(trained_eps_model(self.model, self.sde, self.config.to_dict()), self.sde, (n, *self.shape),
+                              device=self.device, **kwargs)
         finally:
             self.model.train(was_training)
         path = self.out / f"samples_{self.step:06d}.png"
