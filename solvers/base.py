@@ -184,11 +184,22 @@ class Run:
         return t.expand(self.batch) if t.ndim == 0 else t
 
     def eps(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        with unchecked():
-            out = self.model(x, self.times(t), **self.model_kwargs)
-        if not self._checked:  # the model contract, checked once per run
-            check_model_output(out, x)
-            self._checked = True
+        if self._checked:
+            with unchecked():
+                return self.model(x, self.times(t), **self.model_kwargs)
+        try:  # the first call of a run: the model contract, checked once
+            with unchecked():
+                out = self.model(x, self.times(t), **self.model_kwargs)
+        except RuntimeError:
+            from scoresde.adapters import check_dtype
+
+            inner = self.model
+            while isinstance(inner, CountingModel):
+                inner = inner.model
+            check_dtype(inner, x)  # a dtype mismatch gets one clear line instead of a matmul error
+            raise
+        check_model_output(out, x)
+        self._checked = True
         return out
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor | float, eps: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -212,3 +212,11 @@ def test_a_replacement_at_the_final_denoise_is_kept(name):
     res = solvers.sample(model, sde, (3, 2), sampler=name, steps=3, generator=0, dtype=F64, state_hook=hook)
     assert last == {"index": 3, "t": 0.0}
     assert torch.equal(res.x, torch.full_like(res.x, -0.5))
+
+
+def test_a_float32_network_sampled_in_float64_gets_one_clear_error():
+    from scoresde.networks import build_model
+
+    net = build_model("tiny", data_shape=(1, 8, 8)).eval()
+    with pytest.raises(ValueError, match="parameters are torch.float32 but the input x is torch.float64"):
+        solvers.sample(net, VPSDE(), (2, 1, 8, 8), sampler="ddim", steps=2, dtype=F64)
