@@ -55,7 +55,8 @@ def trajectory_strip(
             source = xs if r % 2 == 0 else x0s
             if image:
                 img = source[s, r // 2]
-                if bool(torch.isnan(img).all()):
+                if bool(torch.isnan(img).all()):  # no estimate at this time (x_T): an empty cell
+                    ax.axis("off")
                     continue
                 img = ((img.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
                 ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
@@ -63,6 +64,7 @@ def trajectory_strip(
             else:
                 pts = source[s].reshape(source.shape[1], -1)
                 if bool(torch.isnan(pts).all()):
+                    ax.axis("off")
                     continue
                 ax.scatter(pts[:, 0], pts[:, 1] if pts.shape[1] > 1 else torch.zeros(len(pts)), s=1)
             if j == 0:
