@@ -443,6 +443,7 @@ def model_shape(mc: Dict[str, Any]) -> tuple:
 def likelihood(
     checkpoint: Path = typer.Argument(..., help="Checkpoint file written by `scoresde train`."),
     split: Split = typer.Option(Split.test, help="Split of the checkpoint's dataset."),
+    dataset: Optional[DatasetName] = typer.Option(None, help="Dataset to evaluate (needed for a diffusers folder, which records none).", show_default="the checkpoint's"),
     n: int = typer.Option(128, "--n", "-n", min=1, help="Number of examples (a seeded subset of the split)."),
     batch_size: int = typer.Option(64, min=1, help="Examples per ODE solve."),
     method: ODEMethod = typer.Option(ODEMethod.dopri5, help="Adaptive ODE solver."),
@@ -465,7 +466,9 @@ def likelihood(
 
     with user_errors():
         model, sde, cfg, dev = _load(checkpoint, ema, device)
-        name = cfg.get("dataset")
+        name = _value(dataset) if dataset is not None else cfg.get("dataset")
+        if name is None:
+            raise UserError(f"{checkpoint} records no dataset: pass --dataset")
         root = str(data_root) if data_root is not None else cfg.get("data_root")
         check_dataset_fits(name, n)  # a toy of n examples is drawn in memory: refuse one that cannot fit
         data = load_dataset(name, root=root, n=n, seed=seed, split=_value(split))

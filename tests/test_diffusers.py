@@ -203,3 +203,18 @@ def test_scoresde_sample_runs_end_to_end_on_a_diffusers_folder(tmp_path):
 
     x = np.load(out.with_suffix(".npz"))["x"]
     assert x.shape == (3, 1, 8, 8) and np.isfinite(x).all()
+
+
+def test_likelihood_on_a_diffusers_folder_needs_and_takes_a_dataset(tmp_path):
+    from typer.testing import CliRunner
+
+    from scoresde_cli.app import app
+
+    diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    run = lambda *extra: CliRunner().invoke(app, ["likelihood", str(tmp_path / "pipe"), "-n", "2", "--rtol", "1e-2",  # noqa: E731
+                                                  "--atol", "1e-2", "--device", "cpu", "--quiet", *extra])
+    result = run()
+    assert result.exit_code == 1 and "records no dataset: pass --dataset" in result.output
+    result = run("--dataset", "digits")
+    assert result.exit_code == 0, result.output
+    assert "bits/dim" in result.output
