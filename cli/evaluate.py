@@ -31,6 +31,14 @@ def _writable(path: Path, what: str, suffix: str) -> Path:
     return check_writable_file(path, what)
 
 
+def _one_source(a: object, b: object, names: str, n: Optional[int]) -> None:
+    """Exactly one of two mutually exclusive inputs, and a usable count of images."""
+    if (a is None) == (b is None):
+        raise UserError(f"give exactly one of {names}")
+    if n is not None and n < 2:
+        raise UserError(f"-n must be at least 2; got {n}")
+
+
 def _extractor(weights: Optional[Path], download: bool, device: str):
     from scoresde.fidelity import inception_extractor
     from scoresde.training import resolve_device
@@ -65,10 +73,7 @@ def fid_ref(
     from scoresde import fidelity as fd
 
     with user_errors():
-        if (dataset is None) == (images is None):
-            raise UserError("give exactly one of --dataset or --images")
-        if n is not None and n < 2:
-            raise UserError(f"-n must be at least 2; got {n}")
+        _one_source(dataset, images, "--dataset or --images", n)
         _writable(out, "--out", ".npz")
         start = time.perf_counter()
         if dataset is not None:
@@ -106,10 +111,7 @@ def fid_calc(
     from scoresde import fidelity as fd
 
     with user_errors():
-        if (ref is None) == (dataset is None):
-            raise UserError("give exactly one of --ref or --dataset")
-        if n is not None and n < 2:
-            raise UserError(f"-n must be at least 2; got {n}")
+        _one_source(ref, dataset, "--ref or --dataset", n)
         metrics = tuple(metric) if metric else fd.METRICS
         unknown = sorted(set(metrics) - set(fd.METRICS))
         if unknown:
