@@ -56,14 +56,11 @@ def _cli():
 
 
 def one_line_error(result, needle: str, code: int = 1) -> str:
-    """Non-zero exit, no traceback, the output ends with exactly one ``Error:`` line holding ``needle``."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("Error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.output
-    assert needle in errors[0], result.output
-    return errors[0]
+    """:func:`test_cli.assert_one_line_error`, returning the error line."""
+    from test_cli import assert_one_line_error
+
+    assert_one_line_error(result, needle, code)
+    return [ln for ln in result.output.splitlines() if ln.startswith("Error:")][0]
 
 
 # ---------------------------------------------------------------------------------------------
