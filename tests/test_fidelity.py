@@ -12,8 +12,6 @@ real Inception test runs only when its weights are on this machine.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,16 +317,6 @@ def test_metrics_agree_with_torch_fidelity_on_the_same_features():
     except ValueError:  # already registered in this process
         pass
 
-    class Images(torch.utils.data.Dataset):
-        def __init__(self, x):
-            self.x = x
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
-
     gen, real = _images(300, 5, shift=20), _images(400, 6)
     theirs = TF.calculate_metrics(input1=Images(gen), input2=Images(real), feature_extractor="scoresde-toy", fid=True,
                                   kid=True, isc=True, prc=True, kid_subsets=20, kid_subset_size=200, isc_splits=5,
@@ -355,22 +343,25 @@ def _weights_or_reason():
                       f"${fd.WEIGHTS_ENV} or torch-fidelity's cache); nothing may download during tests")
 
 
+class Images(torch.utils.data.Dataset):
+    """Images as the map-style dataset torch-fidelity's calculate_metrics reads."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
 WEIGHTS, WEIGHTS_REASON = _weights_or_reason()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(WEIGHTS is None, reason=WEIGHTS_REASON)
 def test_real_inception_matches_torch_fidelity():
-    class Images(torch.utils.data.Dataset):
-        def __init__(self, x):
-            self.x = x
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
-
     gen, real = _images(120, 7, shape=(3, 32, 32), shift=30), _images(150, 8, shape=(3, 32, 32))
     ex = fd.inception_extractor(WEIGHTS, download=False)
     ours = fd.evaluate(gen, fd.reference_statistics(real, ex), ex, kid_subsets=10, kid_subset_size=100, isc_splits=3)
