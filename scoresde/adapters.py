@@ -42,7 +42,7 @@ Adapters check that a network's floating parameters have the dtype of the input 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 

@@ -25,7 +25,6 @@ Toys (any ``n``, seeded; ``split="test"`` draws an independent sample of the sam
 from __future__ import annotations
 
 import gzip
-import io
 import math
 import os
 import pickle

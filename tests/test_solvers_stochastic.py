@@ -19,7 +19,6 @@ import torch
 
 import solvers
 from scoresde import SDES, GaussianMixture, SampleNoise, VESDE
-from solvers import stochastic
 from solvers.base import SamplingError, time_grid
 
 Z = 5.0  # MC tolerance in standard errors: two-sided false-alarm rate ~6e-7 per check
