@@ -19,12 +19,16 @@ Every method uses the unconditional ``model(x, t) -> eps`` and one :class:`Obser
   a Gaussian prior), ``r_t^2 = v std^2 / (alpha^2 v + std^2)`` with ``v`` the data variance.
   Same NFE as the sampler, each with a backward pass. Any ``sigma_y >= 0``.
 - :func:`scoresde.conditioning.smc.smc_sample` — a particle filter (see that module).
+- ``pigdm_2m`` — the ΠGDM wrapper driven by :func:`sde_dpmpp_2m`, a second-order stochastic
+  multistep sampler (SDE-DPM-Solver++(2M), Lu et al. 2022) on a log-SNR grid: the same guidance,
+  a sampler whose discretisation error falls as ``h^2`` instead of ``h``. Same NFE as ``pigdm``.
 
 :func:`conditional_sample` runs any of them by name (:data:`METHODS` lists them with their costs).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -217,6 +221,70 @@ def hook_supported(sampler: str) -> bool:
     return bool(getattr(registry[sampler], "supports_hook", False))
 
 
+def sde_dpmpp_2m(
+    model: Callable[..., Tensor],
+    sde: SDE,
+    x_T: Tensor,
+    *,
+    steps: int,
+    noise: SampleNoise,
+    schedule: str = "logsnr",
+    t_min: Optional[float] = None,
+    order: int = 2,
+    denoise_final: bool = True,
+) -> Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", the stochastic multistep variant): a
+    second-order stochastic sampler of the reverse SDE that needs one evaluation per step.
+
+    With ``lambda = log(alpha / std)``, ``h_i = lambda(t_{i+1}) - lambda(t_i)`` and the Tweedie estimate
+    ``x0_i`` of ``model`` at ``(x_i, t_i)``::
+
+        x_{i+1} = (std_{i+1} / std_i) e^{-h_i} x_i + alpha_{i+1} (1 - e^{-2 h_i}) D_i
+                  + std_{i+1} sqrt(1 - e^{-2 h_i}) z_i,
+        D_i = x0_i + (x0_i - x0_{i-1}) / (2 r_i),   r_i = h_{i-1} / h_i   (D_0 = x0_0).
+
+    With ``D_i = x0_i`` (``order=1``) this is exactly the DDPM ancestral step
+    (:func:`ancestral_moments`); the multistep correction extrapolates ``x0`` linearly in ``lambda``
+    (no extra evaluation), which makes the step second order in ``h``.
+
+    Args:
+        model: ``model(x, t) -> eps`` (a guidance wrapper, or any eps model).
+        sde: the SDE (``alpha``, ``std``).
+        x_T: the start, ``(B, ...)``.
+        steps: steps on the grid; NFE = ``steps`` (+1 with ``denoise_final``).
+        noise: per-sample noise; step ``i`` draws stream ``1 + i``.
+        schedule: a name in ``solvers.SCHEDULES`` (default ``"logsnr"``, equal steps in ``lambda``).
+        t_min: last time of the grid (default ``sde.t_min``).
+        order: 1 (ancestral) or 2.
+        denoise_final: end with Tweedie's ``x0`` at the last time (one more evaluation).
+
+    Returns:
+        the samples, shape of ``x_T``.
+    """
+    import solvers
+
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2; got {order!r}")
+    times = solvers.time_grid(sde, steps, schedule, t_min=t_min).tolist()
+    alpha = [float(sde.alpha(torch.tensor(t, dtype=torch.float64))) for t in times]
+    std = [float(sde.std(torch.tensor(t, dtype=torch.float64))) for t in times]
+    lam = [math.log(a / s) for a, s in zip(alpha, std)]
+    x, prev, h_prev = x_T, None, None
+    for i in range(steps):
+        t = times[i]
+        x0 = tweedie(model(x, _times(t, x)), x, sde, _times(t, x))
+        h = lam[i + 1] - lam[i]
+        d = x0 if (order == 1 or prev is None) else x0 + (x0 - prev) * (h / (2.0 * h_prev))
+        e2 = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+        x = (std[i + 1] / std[i] * math.exp(-h)) * x + (alpha[i + 1] * e2) * d \
+            + (std[i + 1] * math.sqrt(e2)) * noise.randn_like(x, 1 + i)
+        prev, h_prev = x0, h
+    if denoise_final:
+        t = times[-1]
+        x = tweedie(model(x, _times(t, x)), x, sde, _times(t, x))
+    return x
+
+
 # ---------------------------------------------------------------------------------------------
 # RePaint
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +456,7 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "repaint": dict(noisy=False, cost="steps + (resamplings-1) * jump_length * floor((steps-1)/jump_length) + 1"),
     "dps": dict(noisy=True, cost="the sampler's NFE, each with a backward pass (needs sigma_y > 0)"),
     "pigdm": dict(noisy=True, cost="the sampler's NFE, each with a backward pass"),
+    "pigdm_2m": dict(noisy=True, cost="steps + 1 (sde_dpmpp_2m, log-SNR grid), each with a backward pass"),
     "smc": dict(noisy=True, cost="(steps + 1) x particles per output sample"),
 }
 
@@ -427,8 +496,10 @@ def conditional_sample(
     """Draw ``num_samples`` samples of ``p(x0 | y)`` with ``method`` (a key of :data:`METHODS`).
 
     ``sampler``/``steps`` pick the :mod:`solvers` sampler for replacement (when the sampler takes a
-    state hook; otherwise the built-in ancestral loop), dps and pigdm. ``knobs``: ``scale`` for dps /
-    pigdm (and ``data_var`` for pigdm), ``jump_length`` / ``resamplings`` for repaint, ``particles``
+    state hook; otherwise the built-in ancestral loop), dps and pigdm; ``pigdm_2m`` runs
+    :func:`sde_dpmpp_2m` for ``steps`` steps (NFE ``steps + 1``; knobs ``schedule``, ``t_min``,
+    ``order``) and ignores ``sampler``. ``knobs``: ``scale`` for dps / pigdm / pigdm_2m (and
+    ``data_var`` for pigdm / pigdm_2m), ``jump_length`` / ``resamplings`` for repaint, ``particles``
     for smc; the rest go to the sampler. ``generator``: seed or :class:`SampleNoise` (per sample).
     """
     import solvers
@@ -471,6 +542,16 @@ def conditional_sample(
         return ConditionalResult(x, counted.nfe)
     scale = float(knobs.pop("scale", 1.0))
     jacobian = str(knobs.pop("jacobian", "autograd"))
+    if method == "pigdm_2m":
+        wrapper = PiGDMGuidance(model, sde, obs, scale=scale, data_var=float(knobs.pop("data_var", 1.0)), jacobian=jacobian)
+        counted = _Counting(wrapper)
+        loop = dict(schedule=str(knobs.pop("schedule", "logsnr")), t_min=knobs.pop("t_min", None),
+                    order=int(knobs.pop("order", 2)))
+        _no_knobs(method, knobs)
+        x = sde_dpmpp_2m(counted, sde, x_T, steps=steps, noise=noise, **loop).detach()
+        if obs.sigma_y == 0:  # the posterior puts x's observed part at y exactly
+            x = replace_known(obs, sde, x, 0.0, torch.zeros_like(x))
+        return ConditionalResult(x, counted.nfe)
     if method == "dps":
         wrapper: nn.Module = DPSGuidance(model, sde, obs, scale=scale, jacobian=jacobian)
     else:
@@ -486,4 +567,4 @@ def _no_knobs(method: str, knobs: Dict[str, Any]) -> None:
 
 __all__ = ["Observation", "ReplacementHook", "replace_known", "repaint", "repaint_schedule", "repaint_nfe",
            "DPSGuidance", "PiGDMGuidance", "METHODS", "conditional_sample", "ConditionalResult", "hooked_ancestral",
-           "ancestral_moments", "tweedie", "Step"]
+           "ancestral_moments", "tweedie", "Step", "sde_dpmpp_2m"]
