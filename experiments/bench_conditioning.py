@@ -25,7 +25,12 @@ tuned by one protocol (a small grid on the sampling noise of ``seed + 1``, the b
 rows replace earlier deepinv/tuned rows of ``conditioning.csv`` (a plain run rewrites the file without them, so
 run ``--peers`` after it); every tried setting goes to ``conditioning_peers_grid.csv``.
 
-Usage: ``python experiments/bench_conditioning.py [--n 1000] [--seed 0] [--quick] [--digits CKPT] [--peers deepinv]``. Writes
+With ``--add METHOD ...``: only those methods of ours (default and tuned rows), merged into the existing csv files
+(the peers are not rerun). With ``--resolve``: rand16/impute at n = 4000 for the pigdm / pigdm_2m rows (and deepinv's
+DPS rows where deepinv imports), so that factors near the estimator's floor can be resolved.
+
+Usage: ``python experiments/bench_conditioning.py [--n 1000] [--seed 0] [--quick] [--digits CKPT] [--peers deepinv]
+[--add METHOD ...] [--resolve]``. Writes
 ``docs/results/conditioning.csv``, ``docs/results/conditioning_particles.csv`` and
 ``docs/conditioning_error.png``; prints markdown tables.
 """
@@ -80,6 +85,8 @@ def settings(method: str, nfe: int):
         return dict(sampler="ancestral", steps=nfe - 1)
     if method == "pigdm_ddim":
         return dict(sampler="ddim", steps=nfe)
+    if method == "pigdm_2m":  # sde_dpmpp_2m on a log-SNR grid: steps + 1 evaluations
+        return dict(steps=nfe - 1)
     if method == "repaint":
         steps = max(2, nfe // 4)
         while repaint_nfe(steps, 5, 4) > nfe and steps > 2:
@@ -287,6 +294,8 @@ def ours_grid(method: str, nfe: int, prior, sigma_y: float):
         return [dict(sampler="ancestral", steps=nfe - 1, scale=sc) for sc in (0.1, 0.2, 0.3, 0.5, 1.0)]
     if method == "pigdm":
         return [dict(sampler="ancestral", steps=nfe - 1, data_var=dv, scale=sc) for dv in (0.25, 1.0, v) for sc in (0.5, 1.0)]
+    if method == "pigdm_2m":
+        return [dict(steps=nfe - 1, data_var=dv, scale=sc) for dv in (0.25, 1.0, v) for sc in (0.5, 1.0)]
     if method == "smc":
         return [dict(steps=max(1, nfe // p - 1), particles=p) for p in (2, 4, 8, 16)]
     if method == "repaint":
@@ -302,17 +311,18 @@ def ours_grid(method: str, nfe: int, prior, sigma_y: float):
     raise ValueError(method)
 
 
-def run_ours_tuned(budgets, n: int, seed: int):
+def run_ours_tuned(budgets, n: int, seed: int, only=None):
     """Our methods with their knobs tuned by the same protocol as the peers (grid on seed ``seed + 1``,
-    reported on ``seed``). Returns ``(reported rows, all tuning rows)``; methods are labelled ``"<method>, tuned"``."""
+    reported on ``seed``); ``only``: a list of methods to run (default: all). Returns ``(reported rows, all
+    tuning rows)``; methods are labelled ``"<method>, tuned"``."""
     sde = VPSDE()
     best, grid = [], []
     for name, (prior, op, y, sy) in problems(seed).items():
         post = prior.posterior(op, y, sy)
         obs = Observation(op, y, sy)
         model = prior.eps_model(sde)
-        methods = ["pigdm", "smc"] + (["replacement", "repaint"] if sy == 0 else ["dps"])
-        for method in methods:
+        methods = ["pigdm", "pigdm_2m", "smc"] + (["replacement", "repaint"] if sy == 0 else ["dps"])
+        for method in [m for m in methods if only is None or m in only]:
             for nfe in budgets:
                 def run(knobs, run_seed):
                     started = time.time()
@@ -350,8 +360,19 @@ def main() -> None:
     ap.add_argument("--peers", choices=["deepinv"], help="instead: tune our methods' knobs and deepinv's DPS and DiffPIR "
                     "by one protocol, replace those rows in conditioning.csv (other rows kept), write "
                     "conditioning_peers_grid.csv, redraw the plot")
+    ap.add_argument("--add", nargs="+", metavar="METHOD", help="instead: run these methods of ours (default and tuned "
+                    "rows, the --peers protocol) and replace their rows in conditioning.csv and conditioning_peers_grid.csv, "
+                    "keeping every other row (the peers need not be rerun)")
+    ap.add_argument("--resolve", action="store_true", help="instead: rand16/impute at n = 4000 for our best methods "
+                    "(seeded protocol, settings from conditioning.csv) and exact draws (conditioning_impute16_n4000.csv)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.add:
+        add_methods(args)
+        return
+    if args.resolve:
+        resolve(args)
+        return
     if args.peers:
         peers_only(args)
         return
@@ -374,12 +395,12 @@ def main() -> None:
         un = prior.sample(args.n, torch.Generator().manual_seed(args.seed + 2))
         m, me, we = score(un, post)
         rows.append(dict(problem=name, method="unconditional", nfe=0, mmd2=m.mmd2, mmd2_std=m.std, mean_err=me, weight_err=we, seconds=0.0))
-        methods = ["pigdm", "pigdm_ddim", "smc"] + (["replacement", "repaint"] if sy == 0 else ["dps"])
+        methods = ["pigdm", "pigdm_ddim", "pigdm_2m", "smc"] + (["replacement", "repaint"] if sy == 0 else ["dps"])
         for method in methods:
             for nfe in budgets:
                 knobs = settings(method, nfe)
                 started = time.time()
-                res = conditional_sample(model, sde, obs, args.n, method=method.split("_")[0], generator=args.seed,
+                res = conditional_sample(model, sde, obs, args.n, method=method.removesuffix("_ddim"), generator=args.seed,
                                          dtype=F64, **knobs)
                 secs = time.time() - started
                 m, me, we = score(res.x, post)
@@ -460,6 +481,98 @@ def peers_only(args) -> None:
     report(merged, prows)
     comparison(merged)
     plot(merged, prows, ROOT / "docs" / "conditioning_error.png")
+
+
+def add_methods(args) -> None:
+    """``--add M ...``: default rows (``settings``) and tuned rows (``ours_grid``, grid on ``seed + 1``, reported on
+    ``seed``) for methods ``M`` on every problem; their old rows in the csv files are replaced, the rest kept."""
+    sde = VPSDE()
+    out = ROOT / "docs" / "results"
+    num = ("nfe", "mmd2", "mmd2_std", "mean_err", "weight_err", "seconds", "steps", "particles")
+    budgets = [50, 200] if args.quick else [50, 100, 200, 400]
+    mine = set(args.add) | {f"{m}, tuned" for m in args.add}
+    rows = [r for r in _read_csv(out / "conditioning.csv", num) if r["method"] not in mine]
+    grid_rows = [r for r in _read_csv(out / "conditioning_peers_grid.csv", num) if r["method"] not in mine]
+    prows = _read_csv(out / "conditioning_particles.csv", num)
+    new = []
+    for name, (prior, op, y, sy) in problems(args.seed).items():
+        post, obs, model = prior.posterior(op, y, sy), Observation(op, y, sy), prior.eps_model(sde)
+        for method in args.add:
+            for nfe in budgets:
+                started = time.time()
+                res = conditional_sample(model, sde, obs, args.n, method=method.removesuffix("_ddim"), generator=args.seed,
+                                         dtype=F64, **settings(method, nfe))
+                m, me, we = score(res.x, post)
+                new.append(dict(problem=name, method=method, nfe=res.nfe, mmd2=m.mmd2, mmd2_std=m.std, mean_err=me,
+                                weight_err=we, seconds=round(time.time() - started, 2)))
+                print(f"{name:15s} {method:12s} NFE {res.nfe:4d}  MMD^2 {m.mmd2:9.2e} +- {m.std:7.1e}  mean {me:.3f}  "
+                      f"weights {we:.3f}", flush=True)
+    best, grid = run_ours_tuned(budgets, args.n, args.seed, only=args.add)
+    merged = []
+    for prob in dict.fromkeys(r["problem"] for r in rows):
+        merged += [r for r in rows if r["problem"] == prob] + [r for r in new + best if r["problem"] == prob]
+    _write_csv(out / "conditioning.csv", merged, FIELDS)
+    _write_csv(out / "conditioning_peers_grid.csv", grid_rows + grid, FIELDS)
+    comparison(merged)
+    plot(merged, prows, ROOT / "docs" / "conditioning_error.png")
+
+
+def resolve(args, n: int = 4000) -> None:
+    """rand16/impute at ``n`` samples (the MMD^2 standard error falls as 1/sqrt(n): about half that at n = 1000):
+    exact draws, and every reported pigdm / pigdm_2m row of ``conditioning.csv`` up to 200 NFE (default and tuned,
+    their settings kept), rerun on seed ``seed`` with ``n`` samples; where deepinv imports, the reported deepinv DPS
+    rows too (same settings). Writes ``conditioning_impute16_n4000.csv``."""
+    sde = VPSDE()
+    out = ROOT / "docs" / "results"
+    num = ("nfe", "mmd2", "mmd2_std", "mean_err", "weight_err", "seconds")
+    name = "rand16/impute"
+    prior, op, y, sy = problems(args.seed)[name]
+    post, obs, model = prior.posterior(op, y, sy), Observation(op, y, sy), prior.eps_model(sde)
+    rows = [r for r in _read_csv(out / "conditioning.csv", num) if r["problem"] == name]
+    ex = post.sample(n, torch.Generator().manual_seed(args.seed + 1))
+    m, me, we = score(ex, post)
+    res_rows = [dict(problem=name, method="exact", nfe=0, mmd2=m.mmd2, mmd2_std=m.std, mean_err=me, weight_err=we,
+                     seconds=0.0, settings=f"n={n}")]
+    print(f"exact draws n={n}: MMD^2 {m.mmd2:.2e} +- {m.std:.1e}")
+    for budget in (50, 100, 200):
+        for base in ("pigdm", "pigdm_2m"):
+            cands = [r for r in rows if r["method"] in (base, f"{base}, tuned") and budget // 2 < r["nfe"] <= budget]
+            if not cands:
+                continue
+            for r in cands:  # default and tuned rows alike (no selection on the reported seed)
+                knobs = {}
+                for kv in (r.get("settings") or "").split():
+                    k, v = kv.split("=")
+                    knobs[k] = v if k in ("sampler", "schedule") else (int(v) if k == "steps" else float(v))
+                knobs = knobs or settings(base, budget)
+                started = time.time()
+                res = conditional_sample(model, sde, obs, n, method=base, generator=args.seed, dtype=F64, **knobs)
+                m, me, we = score(res.x, post)
+                label = r["method"]
+                res_rows.append(dict(problem=name, method=label, nfe=res.nfe, mmd2=m.mmd2, mmd2_std=m.std, mean_err=me,
+                                     weight_err=we, seconds=round(time.time() - started, 2),
+                                     settings=" ".join(f"{k}={v}" for k, v in knobs.items()) + f" n={n}"))
+                print(f"{label:16s} NFE {res.nfe:4d}  MMD^2 {m.mmd2:9.2e} +- {m.std:7.1e}  mean {me:.3f}  weights {we:.3f}  "
+                      f"[{res_rows[-1]['settings']}]", flush=True)
+    try:  # the peer's reported deepinv DPS rows, same settings, same n (needs deepinv: the side venv)
+        import deepinv  # noqa: F401
+    except Exception as err:
+        print(f"deepinv not importable ({type(err).__name__}); peer rows not rerun")
+    else:
+        for r in rows:
+            if r["method"] != "peer: deepinv DPS" or r["nfe"] > 200:
+                continue
+            variant, *kvs = r["settings"].split()
+            hp = {k: (v if k == "guidance" else float(v)) for k, v in (kv.split("=") for kv in kvs) if k != "s"}
+            data_scale = float(next((kv.split("=")[1] for kv in kvs if kv.startswith("s=")), "1"))
+            started = time.time()
+            x, calls = deepinv_peer(variant, prior, op, y, sy, n, r["nfe"] + 1, args.seed, data_scale, **hp)
+            m, me, we = score(x, post)
+            res_rows.append(dict(problem=name, method=r["method"], nfe=calls, mmd2=m.mmd2, mmd2_std=m.std, mean_err=me,
+                                 weight_err=we, seconds=round(time.time() - started, 2), settings=f"{r['settings']} n={n}"))
+            print(f"{r['method']:16s} NFE {calls:4d}  MMD^2 {m.mmd2:9.2e} +- {m.std:7.1e}  mean {me:.3f}  weights {we:.3f}  "
+                  f"[{res_rows[-1]['settings']}]", flush=True)
+    _write_csv(out / "conditioning_impute16_n4000.csv", res_rows, FIELDS)
 
 
 DIGIT_METHODS = {
