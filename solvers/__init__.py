@@ -19,12 +19,13 @@ import torch
 from scoresde.noise import as_sample_noise
 from scoresde.sde import SDE
 
-from . import ddim, dpm_solver, heun, ode, stochastic, torchsde_solver
+from . import ddim, dpm_solver, dpmpp_sde, heun, ode, stochastic, torchsde_solver
 from .base import SCHEDULES, CountingModel, Run, SamplingError, Step, model_device, time_grid
 from .calibrate import CalibratedGrid, GridCache, calibrate_grid
 from .registry import REGISTRY, GridOptions, Sampler, SamplerOptions, get, knob, register
 
-for _record in (*stochastic.RECORDS, torchsde_solver.RECORD, ddim.RECORD, ode.RECORD, heun.RECORD, dpm_solver.RECORD):
+for _record in (*stochastic.RECORDS, torchsde_solver.RECORD, ddim.RECORD, dpmpp_sde.RECORD, ode.RECORD, heun.RECORD,
+                dpm_solver.RECORD):
     register(_record)
 
 #: name -> :class:`Sampler` record (each callable with the one signature); the registry itself.

@@ -216,7 +216,7 @@ class Sampler:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer; got {steps!r}")
         if state_hook is not None and not self.supports_hook:
-            raise ValueError(f"sampler {self.name!r} cannot act on the state between steps (state_hook); "
+            raise ValueError(f"sampler {self.name!r} cannot act on the state between steps (it takes no state hook); "
                              f"use one of {sorted(n for n, s in REGISTRY.items() if s.supports_hook)}")
         run = Run(model, sde, x_T, generator, callback, progress, model_kwargs, state_hook)
         run.steps_given = given

@@ -30,7 +30,7 @@ from scoresde.conditioning import (
     smc_sample,
     train_classifier,
 )
-from scoresde.conditioning.methods import ReplacementHook, ancestral_moments, hooked_ancestral, sde_dpmpp_2m, tweedie
+from scoresde.conditioning.methods import ReplacementHook, ancestral_moments, sde_dpmpp_2m, tweedie
 from scoresde.noise import SampleNoise
 
 F64 = torch.float64
@@ -346,17 +346,24 @@ def test_repaint_schedule_and_cost():
     assert repaint_schedule(10, 3, 1) == list(range(10, -1, -1))
 
 
-def test_replacement_hook_in_a_plain_loop_puts_y_in_the_observed_pixels():
-    """Image-shaped data (B, C, H, W): the hook's last replacement at t = 0 writes y exactly."""
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "dpm_solver", "dpmpp_2m_sde"])
+def test_replacement_hook_puts_y_in_the_observed_pixels(sampler):
+    """Image-shaped data (B, C, H, W): the hook after the last step puts alpha_t y + std_t z there; at
+    t = 0 (a final denoise reported at t = 0) or with the output's own replacement, y exactly."""
     gm = GaussianMixture(torch.randn(3, 1, 4, 4, dtype=F64), [0.3, 0.4, 0.5])
     sde = VPSDE()
     op = Mask.from_name("lower", (1, 4, 4))
     truth = gm.sample(2, torch.Generator().manual_seed(0))
     obs = Observation(op, op(truth[:1])[0], 0.0)
     noise = SampleNoise(0, torch.arange(2))
-    x = hooked_ancestral(gm.eps_model(sde), sde, torch.randn(2, 1, 4, 4, dtype=F64), steps=20, noise=noise,
-                         state_hook=ReplacementHook(obs))
-    torch.testing.assert_close(op(x), op(truth[:1]).expand(2, -1))
+    x = solvers.sample(gm.eps_model(sde), sde, (2, 1, 4, 4), sampler=sampler, steps=20, generator=noise, dtype=F64,
+                       state_hook=ReplacementHook(obs), denoise_final=False).x
+    t_min = sde.t_min
+    a, s = float(sde.alpha(torch.tensor(t_min))), float(sde.std(torch.tensor(t_min)))
+    assert float((op(x) - a * op(truth[:1])).abs().max()) < 6 * s  # alpha y plus noise of scale std
+    res = conditional_sample(gm.eps_model(sde), sde, obs, 2, method="replacement", sampler=sampler, steps=20,
+                             generator=0, dtype=F64)
+    torch.testing.assert_close(op(res.x), op(truth[:1]).expand(2, -1))
 
 
 # ---------------------------------------------------------------------------------------------

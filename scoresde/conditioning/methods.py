@@ -28,9 +28,8 @@ Every method uses the unconditional ``model(x, t) -> eps`` and one :class:`Obser
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -154,73 +153,6 @@ def ancestral_moments(sde: SDE, x: Tensor, x0: Tensor, t: float, s: float):
     return mean, std_s**2 * q2 / std_t2
 
 
-@dataclass
-class Step:
-    """What a state hook sees (the same fields as ``solvers.Step``)."""
-
-    index: int
-    t: float
-    t_prev: float
-    x: Tensor
-    denoised: Optional[Tensor]
-    sde: SDE
-    _noise: SampleNoise
-    _stream: int
-
-    def noise(self, k: int = 0) -> Tensor:
-        return self._noise.randn(tuple(self.x.shape[1:]), self._stream + k, device=self.x.device, dtype=self.x.dtype)
-
-
-def uniform_times(sde: SDE, steps: int, t_min: Optional[float] = None) -> Sequence[float]:
-    t_min = sde.t_min if t_min is None else float(t_min)
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}")
-    return torch.linspace(sde.T, t_min, steps + 1, dtype=torch.float64).tolist()
-
-
-def hooked_ancestral(
-    model: Callable[..., Tensor],
-    sde: SDE,
-    x_T: Tensor,
-    *,
-    steps: int,
-    noise: SampleNoise,
-    state_hook: Optional[Callable[[Step], Optional[Tensor]]] = None,
-    denoise_final: bool = True,
-) -> Tensor:
-    """Ancestral sampling on a uniform grid (``steps`` NFE, +1 with ``denoise_final``) calling
-    ``state_hook`` after every step. Noise streams: ``1 + 4 i`` for step ``i``'s own noise,
-    ``1 + 4 i + 1 + k`` for ``step.noise(k)``."""
-    times = uniform_times(sde, steps)
-    x = x_T
-    for i in range(steps):
-        t, s = times[i], times[i + 1]
-        eps = model(x, _times(t, x))
-        x0 = tweedie(eps, x, sde, _times(t, x))
-        mean, var = ancestral_moments(sde, x, x0, t, s)
-        x = mean + var**0.5 * noise.randn_like(x, 1 + 4 * i)
-        if state_hook is not None:
-            new = state_hook(Step(i, s, t, x, x0, sde, noise, 2 + 4 * i))
-            x = x if new is None else new
-    if denoise_final:
-        t = times[-1]
-        x = tweedie(model(x, _times(t, x)), x, sde, _times(t, x))
-        if state_hook is not None:
-            new = state_hook(Step(steps, 0.0, t, x, x, sde, noise, 2 + 4 * steps))
-            x = x if new is None else new
-    return x
-
-
-def hook_supported(sampler: str) -> bool:
-    """Whether ``solvers`` takes a ``state_hook`` for ``sampler`` (its registry record says so)."""
-    import solvers
-
-    registry = getattr(solvers, "REGISTRY", None)
-    if registry is None or sampler not in registry:
-        return False
-    return bool(getattr(registry[sampler], "supports_hook", False))
-
-
 def sde_dpmpp_2m(
     model: Callable[..., Tensor],
     sde: SDE,
@@ -234,7 +166,8 @@ def sde_dpmpp_2m(
     denoise_final: bool = True,
 ) -> Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", the stochastic multistep variant): a
-    second-order stochastic sampler of the reverse SDE that needs one evaluation per step.
+    second-order stochastic sampler of the reverse SDE that needs one evaluation per step; the
+    registered sampler ``solvers.SAMPLERS["dpmpp_2m_sde"]`` with this module's argument names.
 
     With ``lambda = log(alpha / std)``, ``h_i = lambda(t_{i+1}) - lambda(t_i)`` and the Tweedie estimate
     ``x0_i`` of ``model`` at ``(x_i, t_i)``::
@@ -263,26 +196,8 @@ def sde_dpmpp_2m(
     """
     import solvers
 
-    if order not in (1, 2):
-        raise ValueError(f"order must be 1 or 2; got {order!r}")
-    times = solvers.time_grid(sde, steps, schedule, t_min=t_min).tolist()
-    alpha = [float(sde.alpha(torch.tensor(t, dtype=torch.float64))) for t in times]
-    std = [float(sde.std(torch.tensor(t, dtype=torch.float64))) for t in times]
-    lam = [math.log(a / s) for a, s in zip(alpha, std)]
-    x, prev, h_prev = x_T, None, None
-    for i in range(steps):
-        t = times[i]
-        x0 = tweedie(model(x, _times(t, x)), x, sde, _times(t, x))
-        h = lam[i + 1] - lam[i]
-        d = x0 if (order == 1 or prev is None) else x0 + (x0 - prev) * (h / (2.0 * h_prev))
-        e2 = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
-        x = (std[i + 1] / std[i] * math.exp(-h)) * x + (alpha[i + 1] * e2) * d \
-            + (std[i + 1] * math.sqrt(e2)) * noise.randn_like(x, 1 + i)
-        prev, h_prev = x0, h
-    if denoise_final:
-        t = times[-1]
-        x = tweedie(model(x, _times(t, x)), x, sde, _times(t, x))
-    return x
+    return solvers.SAMPLERS["dpmpp_2m_sde"](model, sde, x_T, steps=steps, generator=noise, schedule=schedule,
+                                            t_min=t_min, order=order, denoise_final=denoise_final)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,17 +443,10 @@ def conditional_sample(
             x = repaint(counted, sde, obs, x_T, steps=steps, jump_length=jl, resamplings=rs, generator=noise)
         return ConditionalResult(x, counted.nfe)
     if method == "replacement":
-        hook = ReplacementHook(obs)
-        if hook_supported(sampler):
-            res = solvers.sample(counted, sde, x_T=x_T, sampler=sampler, steps=steps, generator=noise, state_hook=hook, **knobs)
-            # the output's observed part is y itself (a no-op where the sampler already applied the hook at t = 0)
-            x = replace_known(obs, sde, res.x, 0.0, torch.zeros_like(res.x))
-            return ConditionalResult(x, counted.nfe)
-        if sampler != "ancestral":
-            raise ValueError(f"sampler {sampler!r} does not take a state hook here; use sampler='ancestral' for replacement")
-        _no_knobs(method, knobs)
-        with torch.no_grad():
-            x = hooked_ancestral(counted, sde, x_T, steps=steps, noise=noise, state_hook=hook)
+        res = solvers.sample(counted, sde, x_T=x_T, sampler=sampler, steps=steps, generator=noise,
+                             state_hook=ReplacementHook(obs), **knobs)
+        # the output's observed part is y itself (a no-op where the sampler already applied the hook at t = 0)
+        x = replace_known(obs, sde, res.x, 0.0, torch.zeros_like(res.x))
         return ConditionalResult(x, counted.nfe)
     scale = float(knobs.pop("scale", 1.0))
     jacobian = str(knobs.pop("jacobian", "autograd"))
@@ -566,5 +474,5 @@ def _no_knobs(method: str, knobs: Dict[str, Any]) -> None:
 
 
 __all__ = ["Observation", "ReplacementHook", "replace_known", "repaint", "repaint_schedule", "repaint_nfe",
-           "DPSGuidance", "PiGDMGuidance", "METHODS", "conditional_sample", "ConditionalResult", "hooked_ancestral",
-           "ancestral_moments", "tweedie", "Step", "sde_dpmpp_2m"]
+           "DPSGuidance", "PiGDMGuidance", "METHODS", "conditional_sample", "ConditionalResult",
+           "ancestral_moments", "tweedie", "sde_dpmpp_2m"]
