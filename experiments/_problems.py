@@ -327,12 +327,22 @@ def steps_for_nfe(name: str, sde: SDE, target: int) -> Tuple[Optional[int], Opti
 
 
 def is_adaptive(name: str, sde: SDE) -> bool:
-    """Whether the sampler's NFE ignores ``steps`` (an adaptive ODE solver): same cost at 1 and 4 steps."""
-    return nfe_of(name, sde, 1) == nfe_of(name, sde, 4)
+    """Whether the sampler chooses its own steps with its default options (``ode`` with an adaptive method)."""
+    from scoresde.ode_methods import ODE_METHODS
+
+    defaults = solvers_defaults(name)
+    return name == "ode" and ODE_METHODS[defaults["method"]] or bool(defaults.get("adaptive", False))
+
+
+def solvers_defaults(name: str) -> dict:
+    import solvers
+
+    return solvers.SAMPLERS[name].defaults()
 
 
 def is_deterministic(name: str) -> bool:
-    """Whether the sampler is registered by ``solvers.deterministic`` (so its output is an ODE solution)."""
-    from solvers.deterministic import DETERMINISTIC
+    """Whether the sampler draws no noise after ``x_T`` with its default options (its output is then
+    a function of ``x_T``, an ODE solution)."""
+    import solvers
 
-    return name in DETERMINISTIC
+    return not solvers.SAMPLERS[name].stochastic

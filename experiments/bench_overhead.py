@@ -125,8 +125,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"{'sampler':18s} {'steps':>5s} {'NFE':>5s} {'wall s':>8s} {'call ms':>8s} {'ratio':>7s} {'overhead':>9s}")
     for name in names:
         # adaptive solvers choose their own NFE (default tolerances); the ratio still applies
-        steps = 1 if P.is_adaptive(name, sde) else P.steps_for_nfe(name, sde, args.nfe)[0]
-        if steps is None:
+        adaptive = P.is_adaptive(name, sde)
+        steps = None if adaptive else P.steps_for_nfe(name, sde, args.nfe)[0]
+        if steps is None and not adaptive:
             print(f"{name:18s}  one step costs more than {args.nfe} NFE; skipped")
             continue
         best = None
@@ -144,7 +145,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         ratio, wall, inside, nfe, t_here = best
         over = (wall - inside) / inside
         flag = "" if ratio <= 1.05 else "  > 1.05"
-        print(f"{name:18s} {steps:5d} {nfe:5d} {wall:8.3f} {1e3 * t_here:8.2f} {ratio:7.3f} {100 * over:8.1f}%{flag}")
+        shown = "auto" if steps is None else str(steps)
+        print(f"{name:18s} {shown:>5s} {nfe:5d} {wall:8.3f} {1e3 * t_here:8.2f} {ratio:7.3f} {100 * over:8.1f}%{flag}")
         rows.append(dict(sampler=name, steps=steps, nfe=nfe, wall_s=wall, net_s=inside, t_call_ms=1e3 * t_here,
                          ratio=ratio, overhead=over, batch=args.batch, shape="x".join(map(str, args.shape)),
                          width=args.width, depth=args.depth, threads=args.threads, device=str(dev),

@@ -92,9 +92,9 @@ def run_problem(pname: str, nfes, n: int, seed: int, only: Optional[List[str]]) 
         knobs = solvers.SAMPLERS[name].defaults()
         adaptive = P.is_adaptive(name, sde)
         if adaptive and "rtol" in knobs:  # NFE follows the tolerance, not `steps`: sweep the tolerance
-            runs = [(f"tol={tol:g}", 1, {"rtol": tol, "atol": tol}) for tol in ADAPTIVE_TOLS[: len(nfes)]]
+            runs = [(f"tol={tol:g}", None, {"rtol": tol, "atol": tol}) for tol in ADAPTIVE_TOLS[: len(nfes)]]
         elif adaptive:
-            runs = [("adaptive", 1, {})]
+            runs = [("adaptive", None, {})]
         else:
             runs = []
             for target in nfes:

@@ -57,4 +57,4 @@ def ddim(run: Run, steps: int, opts: DDIMOptions) -> torch.Tensor:
     return x
 
 
-RECORD = Sampler("ddim", ddim, DDIMOptions, 50, True, summary="DDIM (eta = 0: deterministic, 1: ancestral)")
+RECORD = Sampler("ddim", ddim, DDIMOptions, 50, False, summary="DDIM (eta = 0: deterministic, 1: ancestral)")

@@ -142,7 +142,8 @@ class Sampler:
     """One registry record.
 
     ``name``; ``fn(run, steps, options) -> x_0``; ``options_type`` (a :class:`SamplerOptions`
-    subclass); ``default_steps``; ``stochastic`` (draws noise after ``x_T``); ``requires`` (SDE
+    subclass); ``default_steps``; ``stochastic`` (draws noise after ``x_T`` with its default
+    options: ``ddim`` does only with ``eta > 0``); ``requires`` (SDE
     methods asked at ``t_min`` and ``T`` before the run, so an SDE lacking one fails with a
     message naming it); ``supports_hook`` (calls ``state_hook`` after every step); ``summary``
     (one line for ``scoresde samplers``); ``nfe`` (network evaluations as a formula, for the docs).

@@ -260,7 +260,7 @@ def test_torchsde_interval_brownian_is_reproducible_and_adaptive():
     assert not torch.allclose(solvers.sample(model, sde, (6, 2), generator=4, **kw).x, a.x)
 
 
-ALL_SAMPLERS = sorted(name for name, record in solvers.SAMPLERS.items() if record.stochastic and name != "ddim")
+ALL_SAMPLERS = sorted(name for name, record in solvers.SAMPLERS.items() if record.stochastic)
 
 
 @pytest.mark.parametrize("sampler", ALL_SAMPLERS)
