@@ -199,12 +199,23 @@ def _close_to(x, post, far_from=None, k=5.0):
     return m
 
 
-@pytest.mark.parametrize("sampler, steps", [("ddim", 50), ("dpm_solver", 20), ("ancestral", 200)])
+#: steps at which each registered sampler has converged on the 2-D posteriors (None: adaptive)
+POSTERIOR_STEPS = {"ddim": 50, "dpm_solver": 20, "ancestral": 200, "euler_maruyama": 400, "reverse_diffusion": 300,
+                   "pc": 200, "langevin": 1000, "sde": 400, "dpmpp_2m_sde": 50, "heun": 30, "ode": None}
+
+
+def test_every_registered_sampler_is_in_the_posterior_check():
+    assert set(solvers.SAMPLERS) <= set(POSTERIOR_STEPS) | {"toy_euler", "toy_cli"}
+
+
+@pytest.mark.parametrize("sampler", sorted(POSTERIOR_STEPS))
 @pytest.mark.parametrize("kind", ["impute", "project"])
-def test_exact_posterior_model_with_every_sampler_hits_the_posterior(sampler, steps, kind):
+def test_exact_posterior_model_with_every_sampler_hits_the_posterior(sampler, kind):
+    """The plumbing: the exact posterior's eps model, run through every sampler, samples the posterior."""
     gm, obs, post = ring_problem(kind)
     sde = VPSDE()
     n = 1000
+    steps = POSTERIOR_STEPS[sampler]
     res = solvers.sample(post.eps_model(sde), sde, (n, 2), sampler=sampler, steps=steps, generator=0, dtype=F64)
     _close_to(res.x, post, far_from=gm.sample(n, torch.Generator().manual_seed(0)))
 
