@@ -36,6 +36,7 @@ from torch import nn
 
 from .._tensor import append_dims, unchecked
 from ..noise import SampleNoise, as_sample_noise
+from ..parameterization import eps_to_x0
 from ..sde import SDE
 from .operators import LinearOperator
 
@@ -91,13 +92,6 @@ def _noise_free(obs: Observation, method: str) -> None:
 def _coef(sde: SDE, t: float, like: Tensor):
     tt = torch.tensor(float(t), dtype=torch.float64)
     return float(sde.alpha(tt)), float(sde.std(tt))
-
-
-def tweedie(eps: Tensor, x: Tensor, sde: SDE, t: Tensor) -> Tensor:
-    """``x0_hat = (x - std(t) eps) / alpha(t)``."""
-    with unchecked():
-        a, s = append_dims(sde.alpha(t), x.ndim), append_dims(sde.std(t), x.ndim)
-    return (x - s * eps) / a
 
 
 def _times(t: Tensor | float, x: Tensor) -> Tensor:
@@ -254,7 +248,7 @@ def repaint(
         t, s = levels[l_from], levels[l_to]
         if l_to < l_from:
             eps = model(x, _times(t, x))
-            x0 = tweedie(eps, x, sde, _times(t, x))
+            x0 = eps_to_x0(x, eps, sde, _times(t, x))
             mean, var = ancestral_moments(sde, x, x0, t, s)
             x = mean + var**0.5 * noise.randn_like(x, stream)
             x = replace_known(obs, sde, x, s, noise.randn_like(x, stream + 1))
@@ -263,7 +257,7 @@ def repaint(
             x = float(r) * x + float(q) * noise.randn_like(x, stream + 2)
     if denoise_final:
         t = levels[0]
-        x = tweedie(model(x, _times(t, x)), x, sde, _times(t, x))
+        x = eps_to_x0(x, model(x, _times(t, x)), sde, _times(t, x))
         x = replace_known(obs, sde, x, 0.0, torch.zeros_like(x))
     return x
 
@@ -304,7 +298,7 @@ class _Guidance(nn.Module):
         if self.jacobian == "gaussian":
             with torch.no_grad():
                 eps = self.model(x, t, **kwargs)
-                x0 = tweedie(eps, x, self.sde, t)
+                x0 = eps_to_x0(x, eps, self.sde, t)
                 v = op.adjoint(self.residual_weight(self.obs.y_like(x) - op.forward(x0), t, x))
                 with unchecked():
                     a, s = append_dims(self.sde.alpha(t), x.ndim), append_dims(self.sde.std(t), x.ndim)
@@ -313,7 +307,7 @@ class _Guidance(nn.Module):
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             eps = self.model(xg, t, **kwargs)
-            x0 = tweedie(eps, xg, self.sde, t)
+            x0 = eps_to_x0(xg, eps, self.sde, t)
             r = self.obs.y_like(x) - op.forward(x0)
             v = op.adjoint(self.residual_weight(r.detach(), t, x)).detach()  # A^T Gamma^{-1} r
             (g,) = torch.autograd.grad((x0 * v).sum(), xg)  # (d x0 / d x)^T v, per sample
@@ -385,15 +379,6 @@ class ConditionalResult:
     nfe: int
 
 
-class _Counting:
-    def __init__(self, model):
-        self.model, self.nfe = model, 0
-
-    def __call__(self, x, t, **kw):
-        self.nfe += 1
-        return self.model(x, t, **kw)
-
-
 def conditional_sample(
     model: Callable[..., Tensor],
     sde: SDE,
@@ -435,7 +420,7 @@ def conditional_sample(
                             generator=noise, dtype=dtype, device=device)
         return ConditionalResult(x, nfe)
     x_T = sde.prior_std * noise.randn(shape[1:], 0, dtype=dtype, device=device)
-    counted = _Counting(model)
+    counted = solvers.CountingModel(model)
     if method == "repaint":
         jl, rs = int(knobs.pop("jump_length", 10)), int(knobs.pop("resamplings", 10))
         _no_knobs(method, knobs)
@@ -452,7 +437,7 @@ def conditional_sample(
     jacobian = str(knobs.pop("jacobian", "autograd"))
     if method == "pigdm_2m":
         wrapper = PiGDMGuidance(model, sde, obs, scale=scale, data_var=float(knobs.pop("data_var", 1.0)), jacobian=jacobian)
-        counted = _Counting(wrapper)
+        counted = solvers.CountingModel(wrapper)
         loop = dict(schedule=str(knobs.pop("schedule", "logsnr")), t_min=knobs.pop("t_min", None),
                     order=int(knobs.pop("order", 2)))
         _no_knobs(method, knobs)
@@ -475,4 +460,4 @@ def _no_knobs(method: str, knobs: Dict[str, Any]) -> None:
 
 __all__ = ["Observation", "ReplacementHook", "replace_known", "repaint", "repaint_schedule", "repaint_nfe",
            "DPSGuidance", "PiGDMGuidance", "METHODS", "conditional_sample", "ConditionalResult",
-           "ancestral_moments", "tweedie", "sde_dpmpp_2m"]
+           "ancestral_moments", "sde_dpmpp_2m"]

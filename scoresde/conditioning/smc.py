@@ -38,7 +38,8 @@ import torch
 
 from ..noise import SampleNoise, as_sample_noise
 from ..sde import SDE
-from .methods import Observation, _times, ancestral_moments, tweedie
+from ..parameterization import eps_to_x0
+from .methods import Observation, _times, ancestral_moments
 
 Tensor = torch.Tensor
 
@@ -131,7 +132,7 @@ def smc_sample(
             t, s = times[i], times[i + 1]
             eps = model(x, _times(t, x))
             nfe += 1
-            x0 = tweedie(eps, x, sde, _times(t, x))
+            x0 = eps_to_x0(x, eps, sde, _times(t, x))
             mean, var = ancestral_moments(sde, x, x0, t, s)
             a_s, std_s = coef(s)
             gram_a, gram_b = var + std_s**2, a_s**2 * s2y
@@ -152,7 +153,7 @@ def smc_sample(
                 e = e + a_s * obs.sigma_y * pn.randn(tuple(op.out_shape), 3 + 3 * i, dtype=dtype, device=device)
             x = xt + var * op.adjoint(op.solve(a_s * y - op.forward(xt) - e, gram_a, gram_b))
         t = times[-1]
-        x = tweedie(model(x, _times(t, x)), x, sde, _times(t, x))
+        x = eps_to_x0(x, model(x, _times(t, x)), sde, _times(t, x))
         nfe += 1
     # every particle now carries equal weight: output sample i takes one of its particles at random
     pick = torch.floor(torch.special.ndtr(rn.randn((1,), steps, dtype=torch.float64))[:, 0] * p).long().clamp(max=p - 1)
