@@ -46,6 +46,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from . import parameterization as P
 from ._tensor import append_dims
 from .sde import SDE
 
@@ -135,17 +136,12 @@ def _scales(sde: SDE, x: torch.Tensor, t: torch.Tensor):
 
 def output_to_eps(out: torch.Tensor, x: torch.Tensor, sde: SDE, t: torch.Tensor, prediction: str) -> torch.Tensor:
     """Convert a network output in the convention ``prediction`` (``eps``, ``x0``, ``v`` or ``score``,
-    taken at ``(x, t)``) to ``eps``; formulas in the module docstring."""
+    taken at ``(x, t)``) to ``eps``, by the formulas of :mod:`scoresde.parameterization`."""
     prediction = canonical_prediction(prediction)
     if prediction == "eps":
         return out
-    _, a, s = _scales(sde, x, t)
-    if prediction == "x0":
-        return (x - a * out) / s
-    if prediction == "v":
-        return (s * x + a * out) / (a * a + s * s)
-    if prediction == "score":
-        return -s * out
+    if prediction in _TO_EPS:
+        return _TO_EPS[prediction](x, out, sde, t)
     raise ValueError(f"output_to_eps handles eps, x0, v and score; {prediction!r} needs its own adapter")
 
 
@@ -155,15 +151,14 @@ def eps_to_output(eps: torch.Tensor, x: torch.Tensor, sde: SDE, t: torch.Tensor,
     prediction = canonical_prediction(prediction)
     if prediction == "eps":
         return eps
-    _, a, s = _scales(sde, x, t)
-    x0 = (x - s * eps) / a
-    if prediction == "x0":
-        return x0
-    if prediction == "v":
-        return a * eps - s * x0
-    if prediction == "score":
-        return -eps / s
+    if prediction in _FROM_EPS:
+        return _FROM_EPS[prediction](x, eps, sde, t)
     raise ValueError(f"eps_to_output handles eps, x0, v and score; got {prediction!r}")
+
+
+#: prediction -> conversion to / from eps, each ``fn(x, value, sde, t)``
+_TO_EPS = {"x0": P.x0_to_eps, "v": P.v_to_eps, "score": lambda x, v, sde, t: P.score_to_eps(v, sde, t)}
+_FROM_EPS = {"x0": P.eps_to_x0, "v": P.eps_to_v, "score": lambda x, e, sde, t: P.eps_to_score(e, sde, t)}
 
 
 class PredictionAdapter(_Wrapper):
